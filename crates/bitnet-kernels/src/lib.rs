@@ -1,1 +1,24 @@
-//! bitnet-kernels
+//! Ternary ("1.58-bit") BitLinear kernels for candle.
+//!
+//! BitNet b1.58 ([arXiv 2402.17764](https://arxiv.org/abs/2402.17764)) stores every linear
+//! weight as −1/0/+1 plus one scale and quantizes activations to int8 per token, so a linear
+//! layer is an exact integer product followed by one multiply per output. This crate knows
+//! nothing of models; it provides:
+//!
+//! - [`pack`]: the Hugging Face packed U8 layout (`[out/4, in]`) and absmean weight quantization;
+//! - [`quant`]: per-token absmax int8 activation quantization (ties-to-even, as PyTorch);
+//! - [`TernaryWeight`]: the kernel layout, repacked once at load time;
+//! - [`cpu`]: scalar, AVX2, AVX-512 VNNI and NEON products, chosen at run time;
+//! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op).
+
+mod error;
+mod layout;
+mod op;
+
+pub mod cpu;
+pub mod pack;
+pub mod quant;
+
+pub use error::{KernelError, Result};
+pub use layout::{TernaryWeight, BLOCK};
+pub use op::{BitLinearOp, ScaleConvention};

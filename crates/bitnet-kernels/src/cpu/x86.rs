@@ -1,0 +1,137 @@
+//! x86-64 micro-kernels: AVX2 and AVX-512 VNNI.
+//!
+//! Both shift-and-mask the packed bytes into unsigned codes 0..2 and multiply them with the
+//! signed int8 activations (u8 × i8 is exactly what `vpmaddubsw` / `vpdpbusd` take).
+
+use std::arch::x86_64::*;
+
+use super::Tile;
+use crate::layout::{BLOCK, BLOCK_BYTES};
+
+pub(crate) struct Avx2;
+pub(crate) struct Avx512Vnni;
+
+impl Tile for Avx2 {
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: *const u8,
+        ws: usize,
+        q: *const i8,
+        qs: usize,
+        nb: usize,
+    ) -> [[i32; T]; R] {
+        // SAFETY: forwarded from the trait contract (AVX2 checked by `Isa::available`).
+        unsafe { tile_avx2::<R, T>(w, ws, q, qs, nb) }
+    }
+}
+
+impl Tile for Avx512Vnni {
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: *const u8,
+        ws: usize,
+        q: *const i8,
+        qs: usize,
+        nb: usize,
+    ) -> [[i32; T]; R] {
+        // SAFETY: forwarded from the trait contract (AVX-512 VNNI checked by `Isa::available`).
+        unsafe { tile_avx512::<R, T>(w, ws, q, qs, nb) }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2<const R: usize, const T: usize>(
+    w: *const u8,
+    ws: usize,
+    q: *const i8,
+    qs: usize,
+    nb: usize,
+) -> [[i32; T]; R] {
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_si256(); T]; R];
+    for b in 0..nb {
+        // `vpmaddubsw` pairs are at most 2·2·128 = 512 in magnitude; eight of them per block
+        // stay far below i16's range, so widen to i32 once per block.
+        let mut acc16 = [[_mm256_setzero_si256(); T]; R];
+        for half in 0..2 {
+            let mut wv = [_mm256_setzero_si256(); R];
+            for (r, wr) in wv.iter_mut().enumerate() {
+                *wr = _mm256_loadu_si256(w.add(r * ws + b * BLOCK_BYTES + half * 32).cast());
+            }
+            for k in 0..4 {
+                let mut qv = [_mm256_setzero_si256(); T];
+                for (t, qt) in qv.iter_mut().enumerate() {
+                    *qt = _mm256_loadu_si256(
+                        q.add(t * qs + b * BLOCK + k * BLOCK_BYTES + half * 32)
+                            .cast(),
+                    );
+                }
+                for r in 0..R {
+                    let codes = _mm256_and_si256(wv[r], mask);
+                    wv[r] = _mm256_srli_epi16::<2>(wv[r]);
+                    for t in 0..T {
+                        acc16[r][t] =
+                            _mm256_add_epi16(acc16[r][t], _mm256_maddubs_epi16(codes, qv[t]));
+                    }
+                }
+            }
+        }
+        for r in 0..R {
+            for t in 0..T {
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(acc16[r][t], ones));
+            }
+        }
+    }
+    let mut sums = [[0i32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            sums[r][t] = hsum_avx2(acc[r][t]);
+        }
+    }
+    sums
+}
+
+#[target_feature(enable = "avx2")]
+fn hsum_avx2(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_avx512<const R: usize, const T: usize>(
+    w: *const u8,
+    ws: usize,
+    q: *const i8,
+    qs: usize,
+    nb: usize,
+) -> [[i32; T]; R] {
+    let mask = _mm512_set1_epi8(3);
+    let mut acc = [[_mm512_setzero_si512(); T]; R];
+    for b in 0..nb {
+        let mut wv = [_mm512_setzero_si512(); R];
+        for (r, wr) in wv.iter_mut().enumerate() {
+            *wr = _mm512_loadu_si512(w.add(r * ws + b * BLOCK_BYTES).cast());
+        }
+        for k in 0..4 {
+            let mut qv = [_mm512_setzero_si512(); T];
+            for (t, qt) in qv.iter_mut().enumerate() {
+                *qt = _mm512_loadu_si512(q.add(t * qs + b * BLOCK + k * BLOCK_BYTES).cast());
+            }
+            for r in 0..R {
+                let codes = _mm512_and_si512(wv[r], mask);
+                wv[r] = _mm512_srli_epi16::<2>(wv[r]);
+                for t in 0..T {
+                    acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], codes, qv[t]);
+                }
+            }
+        }
+    }
+    let mut sums = [[0i32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            sums[r][t] = _mm512_reduce_add_epi32(acc[r][t]);
+        }
+    }
+    sums
+}

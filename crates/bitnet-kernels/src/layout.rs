@@ -1,0 +1,179 @@
+//! [`TernaryWeight`]: the kernel-side weight layout, built once at load time.
+//!
+//! The HF layout (see [`crate::pack`]) groups rows in four blocks, which is convenient for
+//! torch but not for a dot-product kernel. Here each output row is stored contiguously,
+//! padded with zeros to a multiple of [`BLOCK`] input features, in 64-byte blocks: byte `j`
+//! (0..64) of block `b` holds the codes of inputs `256b + j + 64k` for `k = 0..4` in bits
+//! `2k..2k+1` (codes 0/1/2 = −1/0/+1, as in the HF layout).
+//!
+//! So one shift-and-mask of a 64-byte load yields the codes of 64 *consecutive* inputs, which
+//! line up with a plain load of the int8 activations: AVX-512 takes the block in one load,
+//! AVX2 in two 32-byte halves and NEON in four 16-byte quarters, with no shuffles. Weights stay
+//! at 2 bits each (the same bytes as the HF file), so decoding is bandwidth-optimal.
+
+use rayon::prelude::*;
+
+use crate::error::{KernelError, Result};
+use crate::pack::check_len;
+
+/// Input features covered by one 64-byte block.
+pub const BLOCK: usize = 256;
+/// Bytes per block.
+pub const BLOCK_BYTES: usize = BLOCK / 4;
+/// A block of four zero codes in every byte (code 1 = 0), used for padding.
+const ZERO_BYTE: u8 = 0b0101_0101;
+
+/// One cache-line-aligned block of 256 ternary codes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Block(pub(crate) [u8; BLOCK_BYTES]);
+
+/// A ternary `[out, in]` weight matrix in the kernel layout (module docs), without its scale.
+#[derive(Clone)]
+pub struct TernaryWeight {
+    out: usize,
+    inp: usize,
+    blocks: Vec<Block>,
+}
+
+impl std::fmt::Debug for TernaryWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TernaryWeight")
+            .field("out", &self.out)
+            .field("in", &self.inp)
+            .finish()
+    }
+}
+
+impl TernaryWeight {
+    /// Builds the kernel layout from an HF packed U8 `[out/4, in]` buffer.
+    ///
+    /// Fails on a shape mismatch or the invalid code 3 (naming the packed position).
+    pub fn from_hf_packed(packed: &[u8], out: usize, inp: usize) -> Result<Self> {
+        if out % 4 != 0 {
+            return Err(KernelError::RowsNotMultipleOfFour { out });
+        }
+        let quarter = out / 4;
+        check_len("packed weight", packed.len(), quarter, inp)?;
+        Self::build(out, inp, |row| {
+            let src = &packed[(row % quarter) * inp..][..inp];
+            let shift = 2 * (row / quarter);
+            move |col| (src[col] >> shift) & 3
+        })
+        .map_err(|(row, col)| KernelError::InvalidCode {
+            row: row % quarter,
+            col,
+            bit: 2 * (row / quarter),
+        })
+    }
+
+    /// Builds the kernel layout from a row-major ternary `[out, in]` matrix (values −1/0/+1).
+    pub fn from_ternary(ternary: &[i8], out: usize, inp: usize) -> Result<Self> {
+        check_len("ternary weight", ternary.len(), out, inp)?;
+        Self::build(out, inp, |row| {
+            let src = &ternary[row * inp..][..inp];
+            // Values outside −1..=1 map to codes ≥ 3 (wrapping), which `build` rejects.
+            move |col| (src[col] as u8).wrapping_add(1)
+        })
+        .map_err(|(row, col)| KernelError::NotTernary {
+            row,
+            col,
+            value: ternary[row * inp + col],
+        })
+    }
+
+    /// Shared constructor: `code_of(row)(col)` yields the 2-bit code of `W[row, col]`.
+    /// Returns the first `(row, col)` whose code is not 0, 1 or 2.
+    fn build<'a, F, G>(
+        out: usize,
+        inp: usize,
+        code_of: F,
+    ) -> std::result::Result<Self, (usize, usize)>
+    where
+        F: Fn(usize) -> G + Sync + 'a,
+        G: Fn(usize) -> u8,
+    {
+        let nb = inp.div_ceil(BLOCK);
+        let mut blocks = vec![Block([ZERO_BYTE; BLOCK_BYTES]); out * nb];
+        if nb > 0 {
+            blocks
+                .par_chunks_mut(nb)
+                .enumerate()
+                .try_for_each(|(row, dst)| {
+                    let code = code_of(row);
+                    // Walk the destination in layout order so the inner loop is branch-free over
+                    // 64 consecutive inputs; validate with a running max and locate a bad code
+                    // only on failure.
+                    let mut max_code = 0u8;
+                    for (b, block) in dst.iter_mut().enumerate() {
+                        for k in 0..4 {
+                            let base = b * BLOCK + k * BLOCK_BYTES;
+                            let n = BLOCK_BYTES.min(inp.saturating_sub(base));
+                            let keep = !(3u8 << (2 * k));
+                            for (j, byte) in block.0[..n].iter_mut().enumerate() {
+                                let c = code(base + j);
+                                max_code = max_code.max(c);
+                                *byte = (*byte & keep) | ((c & 3) << (2 * k));
+                            }
+                        }
+                    }
+                    match max_code {
+                        0..=2 => Ok(()),
+                        _ => Err((row, (0..inp).find(|&col| code(col) > 2).unwrap_or(0))),
+                    }
+                })?;
+        }
+        Ok(Self { out, inp, blocks })
+    }
+
+    /// Output features (rows).
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+
+    /// Input features (columns), before padding.
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+
+    /// Input features after padding to a multiple of [`BLOCK`].
+    pub fn padded_in_features(&self) -> usize {
+        self.blocks_per_row() * BLOCK
+    }
+
+    pub(crate) fn blocks_per_row(&self) -> usize {
+        self.inp.div_ceil(BLOCK)
+    }
+
+    /// Bytes held by the packed codes (2 bits per padded weight).
+    pub fn storage_bytes(&self) -> usize {
+        self.blocks.len() * BLOCK_BYTES
+    }
+
+    /// True when every weight is zero: a sign of a broken checkpoint (REFERENCE.md, known traps).
+    pub fn is_all_zero(&self) -> bool {
+        self.blocks.iter().all(|b| b.0 == [ZERO_BYTE; BLOCK_BYTES])
+    }
+
+    /// Row `row`'s blocks as raw bytes (`blocks_per_row() * 64` of them).
+    pub(crate) fn row_bytes(&self, row: usize) -> &[u8] {
+        let nb = self.blocks_per_row();
+        let blocks = &self.blocks[row * nb..(row + 1) * nb];
+        // SAFETY: `Block` is `repr(C)` around a byte array with no padding (64 bytes, align 64).
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), nb * BLOCK_BYTES) }
+    }
+
+    /// The matrix back as row-major ternary values `[out, in]`.
+    pub fn to_ternary(&self) -> Vec<i8> {
+        let mut t = Vec::with_capacity(self.out * self.inp);
+        for row in 0..self.out {
+            let bytes = self.row_bytes(row);
+            t.extend((0..self.inp).map(|col| {
+                let (b, within) = (col / BLOCK, col % BLOCK);
+                let (k, j) = (within / BLOCK_BYTES, within % BLOCK_BYTES);
+                ((bytes[b * BLOCK_BYTES + j] >> (2 * k)) & 3) as i8 - 1
+            }));
+        }
+        t
+    }
+}
