@@ -1,15 +1,19 @@
 //! [`TernaryWeight`]: the kernel-side weight layout, built once at load time.
 //!
 //! The HF layout (see [`crate::pack`]) groups rows in four blocks, which is convenient for
-//! torch but not for a dot-product kernel. Here each output row is stored contiguously,
-//! padded with zeros to a multiple of [`BLOCK`] input features, in 64-byte blocks: byte `j`
-//! (0..64) of block `b` holds the codes of inputs `256b + j + 64k` for `k = 0..4` in bits
-//! `2k..2k+1` (codes 0/1/2 = −1/0/+1, as in the HF layout).
+//! torch but not for a dot-product kernel. Here each output row is padded with zeros to a
+//! multiple of [`BLOCK`] input features and cut into 64-byte blocks: byte `j` (0..64) of block
+//! `b` holds the codes of inputs `256b + j + 64k` for `k = 0..4` in bits `2k..2k+1` (codes
+//! 0/1/2 = −1/0/+1, as in the HF layout). So one shift-and-mask of a 64-byte load yields the
+//! codes of 64 *consecutive* inputs, which line up with a plain load of the int8 activations:
+//! AVX-512 takes a block in one load, AVX2 in two 32-byte halves and NEON in four 16-byte
+//! quarters, with no shuffles.
 //!
-//! So one shift-and-mask of a 64-byte load yields the codes of 64 *consecutive* inputs, which
-//! line up with a plain load of the int8 activations: AVX-512 takes the block in one load,
-//! AVX2 in two 32-byte halves and NEON in four 16-byte quarters, with no shuffles. Weights stay
-//! at 2 bits each (the same bytes as the HF file), so decoding is bandwidth-optimal.
+//! Rows are interleaved in groups of [`ROW_GROUP`]: block `b` of the group's four rows are
+//! adjacent (`[r0 b0][r1 b0][r2 b0][r3 b0][r0 b1]…`), so a 4-row kernel tile reads one strictly
+//! sequential stream. With rows stored one after another, a tile reads four short streams
+//! (640 bytes each at the 2B-4T width) that hardware prefetchers never learn; interleaving made
+//! cold-cache GEMV ~3× faster. Weights stay at 2 bits each, as in the HF file.
 
 use rayon::prelude::*;
 
@@ -20,6 +24,8 @@ use crate::pack::check_len;
 pub const BLOCK: usize = 256;
 /// Bytes per block.
 pub const BLOCK_BYTES: usize = BLOCK / 4;
+/// Rows interleaved block by block (module docs); kernel tile heights divide it.
+pub const ROW_GROUP: usize = 4;
 /// A block of four zero codes in every byte (code 1 = 0), used for padding.
 const ZERO_BYTE: u8 = 0b0101_0101;
 
@@ -50,7 +56,7 @@ impl TernaryWeight {
     ///
     /// Fails on a shape mismatch or the invalid code 3 (naming the packed position).
     pub fn from_hf_packed(packed: &[u8], out: usize, inp: usize) -> Result<Self> {
-        if out % 4 != 0 {
+        if !out.is_multiple_of(4) {
             return Err(KernelError::RowsNotMultipleOfFour { out });
         }
         let quarter = out / 4;
@@ -94,33 +100,23 @@ impl TernaryWeight {
         G: Fn(usize) -> u8,
     {
         let nb = inp.div_ceil(BLOCK);
-        let mut blocks = vec![Block([ZERO_BYTE; BLOCK_BYTES]); out * nb];
+        let groups = out.div_ceil(ROW_GROUP);
+        let mut blocks = vec![Block([ZERO_BYTE; BLOCK_BYTES]); groups * ROW_GROUP * nb];
         if nb > 0 {
             blocks
-                .par_chunks_mut(nb)
+                .par_chunks_mut(nb * ROW_GROUP)
                 .enumerate()
-                .try_for_each(|(row, dst)| {
-                    let code = code_of(row);
-                    // Walk the destination in layout order so the inner loop is branch-free over
-                    // 64 consecutive inputs; validate with a running max and locate a bad code
-                    // only on failure.
-                    let mut max_code = 0u8;
-                    for (b, block) in dst.iter_mut().enumerate() {
-                        for k in 0..4 {
-                            let base = b * BLOCK + k * BLOCK_BYTES;
-                            let n = BLOCK_BYTES.min(inp.saturating_sub(base));
-                            let keep = !(3u8 << (2 * k));
-                            for (j, byte) in block.0[..n].iter_mut().enumerate() {
-                                let c = code(base + j);
-                                max_code = max_code.max(c);
-                                *byte = (*byte & keep) | ((c & 3) << (2 * k));
-                            }
-                        }
+                .try_for_each(|(group, dst)| {
+                    for lane in 0..ROW_GROUP.min(out - group * ROW_GROUP) {
+                        let row = group * ROW_GROUP + lane;
+                        fill_row(
+                            row,
+                            dst.iter_mut().skip(lane).step_by(ROW_GROUP),
+                            inp,
+                            code_of(row),
+                        )?;
                     }
-                    match max_code {
-                        0..=2 => Ok(()),
-                        _ => Err((row, (0..inp).find(|&col| code(col) > 2).unwrap_or(0))),
-                    }
+                    Ok::<(), (usize, usize)>(())
                 })?;
         }
         Ok(Self { out, inp, blocks })
@@ -145,7 +141,7 @@ impl TernaryWeight {
         self.inp.div_ceil(BLOCK)
     }
 
-    /// Bytes held by the packed codes (2 bits per padded weight).
+    /// Bytes held by the packed codes (2 bits per weight, padding included).
     pub fn storage_bytes(&self) -> usize {
         self.blocks.len() * BLOCK_BYTES
     }
@@ -155,25 +151,64 @@ impl TernaryWeight {
         self.blocks.iter().all(|b| b.0 == [ZERO_BYTE; BLOCK_BYTES])
     }
 
-    /// Row `row`'s blocks as raw bytes (`blocks_per_row() * 64` of them).
-    pub(crate) fn row_bytes(&self, row: usize) -> &[u8] {
-        let nb = self.blocks_per_row();
-        let blocks = &self.blocks[row * nb..(row + 1) * nb];
-        // SAFETY: `Block` is `repr(C)` around a byte array with no padding (64 bytes, align 64).
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), nb * BLOCK_BYTES) }
+    /// Pointer to the first block of `row` (a multiple of [`ROW_GROUP`] or within its group);
+    /// the rows of a group are 64 bytes apart and a row's blocks [`Self::block_stride`] apart.
+    pub(crate) fn row_ptr(&self, row: usize) -> *const u8 {
+        let (group, lane) = (row / ROW_GROUP, row % ROW_GROUP);
+        let index = group * ROW_GROUP * self.blocks_per_row() + lane;
+        self.blocks[index..].as_ptr().cast::<u8>()
+    }
+
+    /// Bytes between consecutive blocks of one row.
+    pub(crate) const fn block_stride() -> usize {
+        BLOCK_BYTES * ROW_GROUP
+    }
+
+    /// Byte `j` of block `b` of `row`.
+    fn byte(&self, row: usize, b: usize, j: usize) -> u8 {
+        let (group, lane) = (row / ROW_GROUP, row % ROW_GROUP);
+        self.blocks[(group * self.blocks_per_row() + b) * ROW_GROUP + lane].0[j]
     }
 
     /// The matrix back as row-major ternary values `[out, in]`.
     pub fn to_ternary(&self) -> Vec<i8> {
         let mut t = Vec::with_capacity(self.out * self.inp);
         for row in 0..self.out {
-            let bytes = self.row_bytes(row);
             t.extend((0..self.inp).map(|col| {
                 let (b, within) = (col / BLOCK, col % BLOCK);
                 let (k, j) = (within / BLOCK_BYTES, within % BLOCK_BYTES);
-                ((bytes[b * BLOCK_BYTES + j] >> (2 * k)) & 3) as i8 - 1
+                ((self.byte(row, b, j) >> (2 * k)) & 3) as i8 - 1
             }));
         }
         t
+    }
+}
+
+/// Writes one row's codes into its blocks (in order), validating them: returns `(row, col)` of
+/// the first code that is not 0, 1 or 2.
+fn fill_row<'b>(
+    row: usize,
+    blocks: impl Iterator<Item = &'b mut Block>,
+    inp: usize,
+    code: impl Fn(usize) -> u8,
+) -> std::result::Result<(), (usize, usize)> {
+    // Walk the destination in layout order so the inner loop is branch-free over 64
+    // consecutive inputs; validate with a running max and locate a bad code only on failure.
+    let mut max_code = 0u8;
+    for (b, block) in blocks.enumerate() {
+        for k in 0..4 {
+            let base = b * BLOCK + k * BLOCK_BYTES;
+            let n = BLOCK_BYTES.min(inp.saturating_sub(base));
+            let keep = !(3u8 << (2 * k));
+            for (j, byte) in block.0[..n].iter_mut().enumerate() {
+                let c = code(base + j);
+                max_code = max_code.max(c);
+                *byte = (*byte & keep) | ((c & 3) << (2 * k));
+            }
+        }
+    }
+    match max_code {
+        0..=2 => Ok(()),
+        _ => Err((row, (0..inp).find(|&col| code(col) > 2).unwrap_or(0))),
     }
 }

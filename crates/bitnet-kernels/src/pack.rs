@@ -10,7 +10,7 @@ use crate::error::{KernelError, Result};
 /// Packs a row-major ternary `[out, in]` matrix (values −1/0/+1) into HF layout `[out/4, in]`.
 pub fn pack_ternary(ternary: &[i8], out: usize, inp: usize) -> Result<Vec<u8>> {
     check_len("ternary weight", ternary.len(), out, inp)?;
-    if out % 4 != 0 {
+    if !out.is_multiple_of(4) {
         return Err(KernelError::RowsNotMultipleOfFour { out });
     }
     let block = out / 4;
@@ -30,7 +30,7 @@ pub fn pack_ternary(ternary: &[i8], out: usize, inp: usize) -> Result<Vec<u8>> {
 ///
 /// Fails on the invalid code 3, naming its position.
 pub fn unpack_ternary(packed: &[u8], out: usize, inp: usize) -> Result<Vec<i8>> {
-    if out % 4 != 0 {
+    if !out.is_multiple_of(4) {
         return Err(KernelError::RowsNotMultipleOfFour { out });
     }
     let block = out / 4;

@@ -73,7 +73,7 @@ impl QuantizedActivations {
         self.q.resize(tokens * k_pad, 0);
         self.scales.resize(tokens, 0.0);
         self.sums.resize(tokens, 0);
-        let quantize_one = |(((xr, qr), s), sum): (((&[T], &mut [i8]), &mut f32), &mut i32)| {
+        let quantize_one = |(((xr, qr), s), sum): RowOut<'_, T>| {
             let row: Vec<f32>;
             let xf: &[f32] = match as_f32(xr) {
                 Some(f) => f,
@@ -128,6 +128,9 @@ impl QuantizedActivations {
         &self.q
     }
 }
+
+/// One token's input row, its quantized row, scale and sum, as the zipped iterators yield them.
+type RowOut<'a, T> = (((&'a [T], &'a mut [i8]), &'a mut f32), &'a mut i32);
 
 /// Borrows `x` as f32 when it already is, avoiding a copy on the f32 path.
 fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {

@@ -85,9 +85,13 @@ proptest! {
 #[test]
 fn extreme_values_accumulate_exactly() {
     let (out, inp) = (8, 6912);
-    let t: Vec<i8> = (0..out * inp).map(|i| if (i / inp) % 2 == 0 { 1 } else { -1 }).collect();
+    let t: Vec<i8> = (0..out * inp)
+        .map(|i| if (i / inp) % 2 == 0 { 1 } else { -1 })
+        .collect();
     let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
-    let x: Vec<f32> = (0..2 * inp).map(|i| if i < inp { -1.0 } else { 1.0 }).collect();
+    let x: Vec<f32> = (0..2 * inp)
+        .map(|i| if i < inp { -1.0 } else { 1.0 })
+        .collect();
     let mut acts = QuantizedActivations::default();
     acts.quantize(&x, 2, inp, w.padded_in_features());
     let expected = naive_matmul(&t, out, inp, &acts);
@@ -116,9 +120,18 @@ fn bitlinear_matches_f64_reference() {
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let y_bf16 = op.forward(&xt.to_dtype(DType::BF16).unwrap()).unwrap();
         assert_eq!(y_bf16.dtype(), DType::BF16);
-        let y_bf16 = y_bf16.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y_bf16 = y_bf16
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // The bf16 path quantizes the bf16-rounded input and rounds its output to bf16.
-        let x_bf16: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let x_bf16: Vec<f32> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
         for (xs, ys, rel) in [(&x, &y, 1e-5), (&x_bf16, &y_bf16, 1.0 / 128.0)] {
             for tok in 0..tokens {
                 let mut q = vec![0i8; inp];
@@ -146,26 +159,62 @@ fn bitlinear_rejects_bad_inputs() {
     let op = BitLinearOp::new(w, 1.0, ScaleConvention::Multiply);
     let wrong_width = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
     let err = op.forward(&wrong_width).unwrap_err().to_string();
-    assert!(err.contains("3 features") && err.contains("expects 2"), "{err}");
+    assert!(
+        err.contains("3 features") && err.contains("expects 2"),
+        "{err}"
+    );
     let f16 = Tensor::zeros((2, 2), DType::F16, &Device::Cpu).unwrap();
     let err = op.forward(&f16).unwrap_err().to_string();
     assert!(err.contains("f32 and bf16") && err.contains("f16"), "{err}");
     // Non-contiguous input is accepted (made contiguous first).
-    let xt = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().reshape((2, 4)).unwrap();
+    let xt = Tensor::arange(0f32, 8.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 4))
+        .unwrap();
     let strided = xt.narrow(1, 1, 2).unwrap();
     let y = op.forward(&strided).unwrap().to_vec2::<f32>().unwrap();
-    let y_ref = op.forward(&strided.contiguous().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+    let y_ref = op
+        .forward(&strided.contiguous().unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     assert_eq!(y, y_ref);
 }
 
 #[test]
 fn layout_rejects_invalid_weights() {
     let err = TernaryWeight::from_hf_packed(&[0x55, 0x55, 0xD5], 4, 3).unwrap_err();
-    assert!(matches!(err, KernelError::InvalidCode { row: 0, col: 2, bit: 6 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            KernelError::InvalidCode {
+                row: 0,
+                col: 2,
+                bit: 6
+            }
+        ),
+        "{err}"
+    );
     let err = TernaryWeight::from_ternary(&[0, 0, 3, 0], 2, 2).unwrap_err();
-    assert!(matches!(err, KernelError::NotTernary { row: 1, col: 0, value: 3 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            KernelError::NotTernary {
+                row: 1,
+                col: 0,
+                value: 3
+            }
+        ),
+        "{err}"
+    );
     let err = TernaryWeight::from_hf_packed(&[0; 5], 4, 3).unwrap_err();
     assert!(err.to_string().contains("5 elements, expected 3"), "{err}");
-    assert!(TernaryWeight::from_ternary(&[0; 8], 4, 2).unwrap().is_all_zero());
-    assert!(!TernaryWeight::from_ternary(&[0, 0, 0, 0, 0, 0, 0, 1], 4, 2).unwrap().is_all_zero());
+    assert!(TernaryWeight::from_ternary(&[0; 8], 4, 2)
+        .unwrap()
+        .is_all_zero());
+    assert!(
+        !TernaryWeight::from_ternary(&[0, 0, 0, 0, 0, 0, 0, 1], 4, 2)
+            .unwrap()
+            .is_all_zero()
+    );
 }

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::layout::{TernaryWeight, BLOCK, BLOCK_BYTES};
+use crate::layout::{TernaryWeight, BLOCK, ROW_GROUP};
 use crate::quant::QuantizedActivations;
 
 #[cfg(target_arch = "aarch64")]
@@ -83,14 +83,16 @@ impl Isa {
 
 /// An `R × T` micro-kernel. Returns `Σ code·q` over `nb` blocks for each (row, token).
 ///
+/// Block `b` of row `r` is the 64 bytes at `w + r·64 + b·bs` (the layout interleaves rows of a
+/// group, so `bs` is the group's block stride); token `t`'s values start at `q + t·qs`.
+///
 /// # Safety
-/// `w` must be valid for reads of `R` rows of `nb · 64` bytes, `ws` bytes apart, and `q` for
-/// `T` rows of `nb · 256` bytes, `qs` bytes apart; the caller must have checked that the CPU
-/// supports the implementation's instruction set.
+/// `w` and `q` must be valid for those reads, `R` must not cross a row group, and the caller
+/// must have checked that the CPU supports the implementation's instruction set.
 pub(crate) trait Tile {
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
-        ws: usize,
+        bs: usize,
         q: *const i8,
         qs: usize,
         nb: usize,
@@ -169,9 +171,8 @@ fn rows_tiled<K: Tile, const R: usize, const T: usize>(
     let rows = out.len() / tokens;
     let nb = w.blocks_per_row();
     debug_assert_eq!(acts.padded_len(), nb * BLOCK);
-    let ws = nb * BLOCK_BYTES;
-    let w0 = w.row_bytes(r0).as_ptr();
-    debug_assert!(w.row_bytes(r0 + rows - 1).len() == ws);
+    debug_assert!(r0.is_multiple_of(ROW_GROUP) && ROW_GROUP.is_multiple_of(R));
+    let bs = TernaryWeight::block_stride();
     let (q0, qs, sums) = (acts.values().as_ptr(), acts.padded_len(), acts.sums());
     for tb in (0..tokens).step_by(TOKEN_BLOCK) {
         let tb_end = (tb + TOKEN_BLOCK).min(tokens);
@@ -181,7 +182,7 @@ fn rows_tiled<K: Tile, const R: usize, const T: usize>(
             let mut t = tb;
             while t < tb_end {
                 let full_t = tb_end - t >= T;
-                // SAFETY: rows r..r+R (or r+1) lie within this chunk of the weight, tokens
+                // SAFETY: rows r..r+R (or r+1) lie within this chunk of the weight and one group, tokens
                 // t..t+T (or t+1) within the activations; the ISA was checked by the caller.
                 let mut emit = |acc: &[i32], rr: usize, tt: usize| {
                     for i in 0..rr {
@@ -191,19 +192,19 @@ fn rows_tiled<K: Tile, const R: usize, const T: usize>(
                     }
                 };
                 unsafe {
-                    let (w, q) = (w0.add(r * ws), q0.add(t * qs));
+                    let (w, q) = (w.row_ptr(r0 + r), q0.add(t * qs));
                     match (full_r, full_t) {
                         (true, true) => {
-                            emit(K::tile::<R, T>(w, ws, q, qs, nb).as_flattened(), R, T)
+                            emit(K::tile::<R, T>(w, bs, q, qs, nb).as_flattened(), R, T)
                         }
                         (true, false) => {
-                            emit(K::tile::<R, 1>(w, ws, q, qs, nb).as_flattened(), R, 1)
+                            emit(K::tile::<R, 1>(w, bs, q, qs, nb).as_flattened(), R, 1)
                         }
                         (false, true) => {
-                            emit(K::tile::<1, T>(w, ws, q, qs, nb).as_flattened(), 1, T)
+                            emit(K::tile::<1, T>(w, bs, q, qs, nb).as_flattened(), 1, T)
                         }
                         (false, false) => {
-                            emit(K::tile::<1, 1>(w, ws, q, qs, nb).as_flattened(), 1, 1)
+                            emit(K::tile::<1, 1>(w, bs, q, qs, nb).as_flattened(), 1, 1)
                         }
                     }
                 }

@@ -10,20 +10,20 @@ pub(crate) struct Neon;
 impl Tile for Neon {
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
-        ws: usize,
+        bs: usize,
         q: *const i8,
         qs: usize,
         nb: usize,
     ) -> [[i32; T]; R] {
         // SAFETY: forwarded from the trait contract; NEON is part of the aarch64 baseline.
-        unsafe { tile_neon::<R, T>(w, ws, q, qs, nb) }
+        unsafe { tile_neon::<R, T>(w, bs, q, qs, nb) }
     }
 }
 
 #[target_feature(enable = "neon")]
 unsafe fn tile_neon<const R: usize, const T: usize>(
     w: *const u8,
-    ws: usize,
+    bs: usize,
     q: *const i8,
     qs: usize,
     nb: usize,
@@ -34,7 +34,7 @@ unsafe fn tile_neon<const R: usize, const T: usize>(
         for quarter in 0..4 {
             let mut wv = [vdupq_n_u8(0); R];
             for (r, wr) in wv.iter_mut().enumerate() {
-                *wr = vld1q_u8(w.add(r * ws + b * BLOCK_BYTES + quarter * 16));
+                *wr = vld1q_u8(w.add(r * BLOCK_BYTES + b * bs + quarter * 16));
             }
             for k in 0..4 {
                 let mut qv = [vdupq_n_s8(0); T];

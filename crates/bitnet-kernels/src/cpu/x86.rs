@@ -14,33 +14,33 @@ pub(crate) struct Avx512Vnni;
 impl Tile for Avx2 {
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
-        ws: usize,
+        bs: usize,
         q: *const i8,
         qs: usize,
         nb: usize,
     ) -> [[i32; T]; R] {
         // SAFETY: forwarded from the trait contract (AVX2 checked by `Isa::available`).
-        unsafe { tile_avx2::<R, T>(w, ws, q, qs, nb) }
+        unsafe { tile_avx2::<R, T>(w, bs, q, qs, nb) }
     }
 }
 
 impl Tile for Avx512Vnni {
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
-        ws: usize,
+        bs: usize,
         q: *const i8,
         qs: usize,
         nb: usize,
     ) -> [[i32; T]; R] {
         // SAFETY: forwarded from the trait contract (AVX-512 VNNI checked by `Isa::available`).
-        unsafe { tile_avx512::<R, T>(w, ws, q, qs, nb) }
+        unsafe { tile_avx512::<R, T>(w, bs, q, qs, nb) }
     }
 }
 
 #[target_feature(enable = "avx2")]
 unsafe fn tile_avx2<const R: usize, const T: usize>(
     w: *const u8,
-    ws: usize,
+    bs: usize,
     q: *const i8,
     qs: usize,
     nb: usize,
@@ -55,7 +55,7 @@ unsafe fn tile_avx2<const R: usize, const T: usize>(
         for half in 0..2 {
             let mut wv = [_mm256_setzero_si256(); R];
             for (r, wr) in wv.iter_mut().enumerate() {
-                *wr = _mm256_loadu_si256(w.add(r * ws + b * BLOCK_BYTES + half * 32).cast());
+                *wr = _mm256_loadu_si256(w.add(r * BLOCK_BYTES + b * bs + half * 32).cast());
             }
             for k in 0..4 {
                 let mut qv = [_mm256_setzero_si256(); T];
@@ -101,7 +101,7 @@ fn hsum_avx2(v: __m256i) -> i32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_avx512<const R: usize, const T: usize>(
     w: *const u8,
-    ws: usize,
+    bs: usize,
     q: *const i8,
     qs: usize,
     nb: usize,
@@ -111,7 +111,7 @@ unsafe fn tile_avx512<const R: usize, const T: usize>(
     for b in 0..nb {
         let mut wv = [_mm512_setzero_si512(); R];
         for (r, wr) in wv.iter_mut().enumerate() {
-            *wr = _mm512_loadu_si512(w.add(r * ws + b * BLOCK_BYTES).cast());
+            *wr = _mm512_loadu_si512(w.add(r * BLOCK_BYTES + b * bs).cast());
         }
         for k in 0..4 {
             let mut qv = [_mm512_setzero_si512(); T];
