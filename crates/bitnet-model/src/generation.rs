@@ -1,0 +1,540 @@
+//! Text generation: sampling, stop conditions, UTF-8-safe streaming, and the decode loop.
+//!
+//! Sampling follows transformers' `generate` order: repetition penalty, temperature, top-k,
+//! top-p, min-p. Temperature 0 is greedy (argmax, first index on ties, as `torch.argmax`).
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+use crate::model::ForCausalLM;
+
+/// How to pick each next token. [`Default`] is greedy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 means greedy.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (`None` or 0: off).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches `p` (`None` or 1: off).
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than `min_p` × the most likely one (`None` or 0: off).
+    pub min_p: Option<f32>,
+    /// CTRL-style repetition penalty (transformers' `repetition_penalty`): logits of tokens
+    /// already seen are divided by it when positive and multiplied when negative. 1 is off.
+    pub repeat_penalty: f32,
+    /// How many of the most recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    /// Seed of the sampling RNG, so runs are reproducible.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 299_792_458,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every value, naming the CLI flag of the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name: &'static str, value: String, reason: &str| {
+            Err(Error::InvalidArgument {
+                name,
+                value,
+                reason: reason.into(),
+            })
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "--temperature",
+                self.temperature.to_string(),
+                "must be a finite number ≥ 0 (0 = greedy)",
+            );
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad("--top-p", p.to_string(), "must be in (0, 1] (1 = off)");
+            }
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..1.0).contains(&p) {
+                return bad("--min-p", p.to_string(), "must be in [0, 1) (0 = off)");
+            }
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return bad(
+                "--repeat-penalty",
+                self.repeat_penalty.to_string(),
+                "must be a finite number > 0 (1 = off)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Picks tokens from logits according to [`SamplingParams`].
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// A sampler; fails if the parameters are invalid.
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = StdRng::seed_from_u64(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    /// The next token given one position's logits and the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
+        let p = &self.params;
+        let mut logits = logits.to_vec();
+        if p.repeat_penalty != 1.0 {
+            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+            let mut seen = std::collections::HashSet::new();
+            for &t in recent {
+                if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
+                    *l = if *l < 0.0 {
+                        *l * p.repeat_penalty
+                    } else {
+                        *l / p.repeat_penalty
+                    };
+                }
+            }
+        }
+        if logits.iter().any(|l| l.is_nan()) {
+            return Err(candle_core::Error::Msg("the model produced NaN logits".into()).into());
+        }
+        if p.temperature == 0.0 {
+            return Ok(argmax(&logits));
+        }
+        // Candidates sorted by logit, best first; each filter keeps a prefix.
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if let Some(k) = p.top_k.filter(|&k| k > 0) {
+            order.truncate(k);
+        }
+        let max = logits[order[0]] / p.temperature;
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] / p.temperature - max) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if let Some(top_p) = p.top_p.filter(|&v| v < 1.0) {
+            let mut cumulative = 0.0;
+            let keep = probs.iter().position(|&q| {
+                cumulative += q;
+                cumulative >= top_p as f64
+            });
+            probs.truncate(keep.map_or(probs.len(), |i| i + 1));
+        }
+        if let Some(min_p) = p.min_p.filter(|&v| v > 0.0) {
+            let threshold = probs[0] * min_p as f64;
+            let keep = probs.iter().take_while(|&&q| q >= threshold).count();
+            probs.truncate(keep.max(1));
+        }
+        let total: f64 = probs.iter().sum();
+        let mut r = self.rng.random::<f64>() * total;
+        for (i, q) in probs.iter().enumerate() {
+            r -= q;
+            if r <= 0.0 {
+                return Ok(order[i] as u32);
+            }
+        }
+        Ok(order[probs.len() - 1] as u32)
+    }
+}
+
+/// Index of the largest logit (the first one on ties).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Incremental detokenization that never emits half a UTF-8 character.
+///
+/// Byte-level BPE tokens can end in the middle of a multi-byte character; decoding such a
+/// prefix yields U+FFFD. The stream holds text back until the decoded tail is complete, then
+/// emits only the new part (decoding a window of tokens, since decoders may depend on context).
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    tokens: Vec<u32>,
+    prev: usize,
+    current: usize,
+}
+
+impl<'a> TextStream<'a> {
+    /// An empty stream.
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prev: 0,
+            current: 0,
+        }
+    }
+
+    fn decode(&self, tokens: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(tokens, true)
+            .map_err(|e| Error::Tokenizer {
+                path: "tokenizer".into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, token: u32) -> Result<Option<String>> {
+        let before = self.decode(&self.tokens[self.prev..self.current])?;
+        self.tokens.push(token);
+        let after = self.decode(&self.tokens[self.prev..])?;
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+            let new = after.get(before.len()..).unwrap_or(&after).to_string();
+            self.prev = self.current;
+            self.current = self.tokens.len();
+            Ok(Some(new))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self) -> Result<String> {
+        let before = self.decode(&self.tokens[self.prev..self.current])?;
+        let after = self.decode(&self.tokens[self.prev..])?;
+        self.prev = self.tokens.len();
+        self.current = self.tokens.len();
+        Ok(after.get(before.len()..).unwrap_or("").to_string())
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token (eos, `<|eot_id|>`) was sampled; it is not part of the output.
+    Token(u32),
+    /// A stop string appeared; the output ends before it.
+    String(String),
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The model's context window is full.
+    ContextFull,
+}
+
+/// What to generate and when to stop.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Tokens that end generation (e.g. eos and `<|eot_id|>`).
+    pub stop_tokens: Vec<u32>,
+    /// Strings that end generation; the text is cut before them.
+    pub stop_strings: Vec<String>,
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug)]
+pub struct Generated {
+    /// Generated token ids (without a final stop token).
+    pub tokens: Vec<u32>,
+    /// Their text, cut before a stop string.
+    pub text: String,
+    /// Time to process the prompt and produce the first logits.
+    pub prefill: Duration,
+    /// Time for all later tokens.
+    pub decode: Duration,
+    /// Why it stopped.
+    pub stop: StopReason,
+}
+
+/// Feeds `prompt` to the model after the `model.cached_tokens()` positions already in its KV
+/// cache (0 for a fresh prompt; more to continue a chat), then samples until a stop condition.
+/// `on_text` receives the text as it becomes complete (never half a character, never part of a
+/// stop string).
+pub fn generate(
+    model: &mut ForCausalLM,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    sampler: &mut Sampler,
+    options: &GenerateOptions,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generated> {
+    let offset = model.cached_tokens();
+    let context = model.max_context();
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument {
+            name: "--prompt",
+            value: "\"\"".into(),
+            reason: "encodes to no tokens; give some text".into(),
+        });
+    }
+    if offset + prompt.len() > context {
+        return Err(Error::InvalidArgument {
+            name: "--prompt",
+            value: format!(
+                "{} tokens (+{offset} already in the conversation)",
+                prompt.len()
+            ),
+            reason: format!("longer than the model's context of {context} tokens; shorten it"),
+        });
+    }
+    let device = model.device().clone();
+    let mut history = prompt.to_vec();
+    let mut stream = TextStream::new(tokenizer);
+    let mut pending = String::new();
+    let mut generated = Generated {
+        tokens: Vec::new(),
+        text: String::new(),
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+        stop: StopReason::MaxTokens,
+    };
+    let start = Instant::now();
+    let mut input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
+    let mut position = offset;
+    for step in 0..options.max_tokens {
+        if position + input.dim(1)? > context {
+            generated.stop = StopReason::ContextFull;
+            break;
+        }
+        let logits = model
+            .forward(&input, position)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        position += input.dim(1)?;
+        let token = sampler.sample(&logits, &history)?;
+        if step == 0 {
+            generated.prefill = start.elapsed();
+        }
+        if options.stop_tokens.contains(&token) {
+            generated.stop = StopReason::Token(token);
+            break;
+        }
+        history.push(token);
+        generated.tokens.push(token);
+        if let Some(text) = stream.push(token)? {
+            pending.push_str(&text);
+        }
+        if let Some(stop) = emit_until_stop(
+            &mut pending,
+            &mut generated.text,
+            &options.stop_strings,
+            &mut on_text,
+        ) {
+            generated.stop = StopReason::String(stop);
+            break;
+        }
+        input = Tensor::new(&[token], &device)?.unsqueeze(0)?;
+    }
+    if !matches!(generated.stop, StopReason::String(_)) {
+        pending.push_str(&stream.finish()?);
+        on_text(&pending);
+        generated.text.push_str(&pending);
+    }
+    generated.decode = start.elapsed().saturating_sub(generated.prefill);
+    Ok(generated)
+}
+
+/// Moves text from `pending` to `out` (and `on_text`), except a tail that could still become a
+/// stop string. Returns the stop string if one appeared (text from it on is dropped).
+fn emit_until_stop(
+    pending: &mut String,
+    out: &mut String,
+    stops: &[String],
+    on_text: &mut impl FnMut(&str),
+) -> Option<String> {
+    let found = stops
+        .iter()
+        .filter_map(|s| pending.find(s.as_str()).map(|at| (at, s)))
+        .min_by_key(|(at, _)| *at);
+    if let Some((at, stop)) = found {
+        on_text(&pending[..at]);
+        out.push_str(&pending[..at]);
+        pending.clear();
+        return Some(stop.clone());
+    }
+    // Hold back the longest suffix that is a prefix of some stop string.
+    let hold = stops
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .filter(|&n| s.is_char_boundary(n))
+                .map(move |n| &s[..n])
+        })
+        .filter(|prefix| pending.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    let cut = pending.len() - hold;
+    if cut > 0 {
+        on_text(&pending[..cut]);
+        out.push_str(&pending[..cut]);
+        pending.drain(..cut);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_first_max_and_penalty_applies() {
+        let mut s = sampler(SamplingParams::default());
+        assert_eq!(s.sample(&[1.0, 3.0, 3.0, -1.0], &[]).unwrap(), 1);
+        let mut s = sampler(SamplingParams {
+            repeat_penalty: 2.0,
+            ..Default::default()
+        });
+        // Token 1 was seen: 3.0 / 2 = 1.5 falls below token 2's 2.0 ...
+        assert_eq!(s.sample(&[1.0, 3.0, 2.0, -1.0], &[1]).unwrap(), 2);
+        // ... and a negative logit is multiplied, pushing it further down.
+        assert_eq!(s.sample(&[-1.0, -0.6, -3.0], &[0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn filters_restrict_the_candidates() {
+        let logits = [5.0, 4.9, 0.0, -2.0, 4.8];
+        for seed in 0..50 {
+            let base = SamplingParams {
+                temperature: 1.0,
+                seed,
+                ..Default::default()
+            };
+            let t = sampler(SamplingParams {
+                top_k: Some(2),
+                ..base.clone()
+            })
+            .sample(&logits, &[])
+            .unwrap();
+            assert!(t == 0 || t == 1, "top-k 2 gave {t}");
+            let t = sampler(SamplingParams {
+                top_p: Some(0.3),
+                ..base.clone()
+            })
+            .sample(&logits, &[])
+            .unwrap();
+            assert_eq!(t, 0, "top-p 0.3 keeps only the best token");
+            let t = sampler(SamplingParams {
+                min_p: Some(0.5),
+                ..base.clone()
+            })
+            .sample(&logits, &[])
+            .unwrap();
+            assert!([0, 1, 4].contains(&t), "min-p 0.5 gave {t}");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams {
+            temperature: 0.9,
+            seed: 5,
+            ..Default::default()
+        };
+        let run = || {
+            let mut s = sampler(params.clone());
+            (0..20)
+                .map(|_| s.sample(&logits, &[]).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 3);
+    }
+
+    #[test]
+    fn invalid_values_name_the_flag() {
+        let cases = [
+            (
+                SamplingParams {
+                    temperature: -0.5,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    min_p: Some(1.0),
+                    ..Default::default()
+                },
+                "--min-p",
+            ),
+            (
+                SamplingParams {
+                    repeat_penalty: 0.0,
+                    ..Default::default()
+                },
+                "--repeat-penalty",
+            ),
+        ];
+        for (params, flag) in cases {
+            let err = Sampler::new(params).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn stop_strings_are_held_back_and_cut() {
+        let stops = vec!["User:".to_string()];
+        let mut out = String::new();
+        let mut seen = String::new();
+        let mut pending = "Hello Us".to_string();
+        assert_eq!(
+            emit_until_stop(&mut pending, &mut out, &stops, &mut |t| seen.push_str(t)),
+            None
+        );
+        assert_eq!((out.as_str(), pending.as_str()), ("Hello ", "Us"));
+        pending.push_str("er: more");
+        let stop = emit_until_stop(&mut pending, &mut out, &stops, &mut |t| seen.push_str(t));
+        assert_eq!(stop.as_deref(), Some("User:"));
+        assert_eq!((out.as_str(), seen.as_str()), ("Hello ", "Hello "));
+    }
+}
