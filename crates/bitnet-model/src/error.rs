@@ -102,7 +102,6 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A candle operation failed while building the model.
     /// The tokenizer is missing or cannot be used.
     #[error("{path}: {reason}")]
     Tokenizer {
@@ -132,6 +131,7 @@ pub enum Error {
         reason: String,
     },
 
+    /// A candle operation failed (building or running the model).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

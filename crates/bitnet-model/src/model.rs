@@ -1,0 +1,697 @@
+//! The BitNet b1.58 decoder: a Llama-shaped transformer whose linear layers are ternary.
+//!
+//! BitNet b1.58 ([Ma et al., 2024, arXiv 2402.17764](https://arxiv.org/abs/2402.17764)) keeps
+//! the Llama block — pre-norm RMSNorm, rotary attention with grouped-query heads, gated MLP —
+//! and replaces every linear layer inside the blocks with a [`BitLinear`]: weights −1/0/+1 with
+//! one scale per matrix, activations quantized per token to int8. Embeddings, norms and the LM
+//! head stay in floating point. microsoft/bitnet-b1.58-2B-4T
+//! ([technical report, arXiv 2504.12285](https://arxiv.org/abs/2504.12285)) adds two changes,
+//! selected here by [`Family::BitNet`]:
+//!
+//! - **ReLU²** instead of SiLU in the gated MLP: `down(relu(gate(x))² · up(x))`;
+//! - **SubLN sub-norms** (`attn_sub_norm`, `ffn_sub_norm`): an extra RMSNorm on the *input* of
+//!   `o_proj` and of `down_proj`. These are the SubLN of Magneto/BitNet (Wang et al., 2023):
+//!   the attention output and the MLP's hidden product have no norm in front of them, so their
+//!   scale drifts; re-normalizing them gives the per-token int8 absmax quantization of those
+//!   BitLinear inputs a well-scaled distribution, which is what keeps low-bit training stable.
+//!   At inference they are just two more RMSNorms that must sit exactly there.
+//!
+//! Numerics follow transformers' `BitNetForCausalLM` / `LlamaForCausalLM` with the bitnet
+//! quantizer (eager attention), the reference the tests compare against:
+//!
+//! - RMSNorm normalizes in f32, casts to the model dtype, *then* multiplies by the weight;
+//! - RoPE is the half-split "rotate_half" form, cos/sin computed in f32 and cast to the model
+//!   dtype;
+//! - attention scores, softmax and the weighted sum are computed in f32 (transformers does the
+//!   softmax in f32; for bf16 models doing the two matmuls in f32 too only removes rounding);
+//! - the LM head is a float matmul computed in f32 (a bf16 checkpoint's head values are exact in
+//!   f32), returning f32 logits.
+//!
+//! The model runs in f32 or bf16. f16 is refused: ReLU² of BitNet activations overflows it.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::bitlinear::{self, BitLinear, Stored};
+use crate::cache::{Cache, LayerCache};
+use crate::config::{config_path, Config, Family, QuantizationMode};
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// Default number of prompt tokens processed per forward step (see
+/// [`ForCausalLM::set_prefill_chunk`]).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// Tracks which checkpoint tensors the model used, to report the ones it did not.
+struct Loader<'a> {
+    weights: &'a Weights,
+    config: &'a Config,
+    dtype: DType,
+    device: &'a Device,
+    used: HashSet<String>,
+    warnings: Vec<String>,
+}
+
+impl Loader<'_> {
+    fn float(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self
+            .weights
+            .get(name)?
+            .to_tensor(shape, dtype, self.device)?;
+        self.used.insert(name.to_string());
+        Ok(t)
+    }
+
+    fn norm(&mut self, name: &str, size: usize) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.float(name, &[size], self.dtype)?,
+            eps: self.config.rms_norm_eps,
+        })
+    }
+
+    /// A sub-norm under whichever of `names` the checkpoint has, or `None` if it has none.
+    fn optional_norm(&mut self, names: &[String], size: usize) -> Result<Option<RmsNorm>> {
+        match names.iter().find(|n| self.weights.contains(n)) {
+            Some(n) => Ok(Some(self.norm(n, size)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<BitLinear> {
+        let (layer, stored) = bitlinear::load(
+            self.weights,
+            name,
+            out,
+            inp,
+            self.config.scale_convention,
+            self.dtype,
+        )?;
+        self.used.insert(name.to_string());
+        match (stored, self.config.quantization_mode) {
+            (Stored::Packed, QuantizationMode::Offline)
+            | (Stored::Float, QuantizationMode::Online) => {}
+            (Stored::Packed, QuantizationMode::Online) => self.warnings.push(format!(
+                "{name} is packed although config.json says quantization_mode \"online\"; \
+                 loaded it as packed with its weight_scale"
+            )),
+            (Stored::Float, QuantizationMode::Offline) => self.warnings.push(format!(
+                "{name} is a float tensor although config.json says quantization_mode \
+                 \"offline\"; quantized it at load (absmean)"
+            )),
+        }
+        if stored == Stored::Packed {
+            self.used.insert(format!("{name}_scale"));
+        }
+        if layer.is_all_zero() {
+            self.warnings.push(format!(
+                "{name}: every ternary weight is zero, so this layer outputs zeros; the \
+                 checkpoint is probably broken (some Hub revisions of the 2B-4T repos are \
+                 reported to be): re-download a known-good revision"
+            ));
+        }
+        Ok(layer)
+    }
+}
+
+/// Root-mean-square norm, in transformers' order: normalize in f32, cast, multiply by weight.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        if dtype == DType::F32 {
+            // Same arithmetic in one fused pass: x / sqrt(mean(x²) + eps) · w.
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
+        }
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Rotary position embedding tables (half-split "rotate_half" form), `[max_positions, head_dim/2]`.
+#[derive(Clone, Debug)]
+pub struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Tables for `config.max_position_embeddings` positions in `dtype`.
+    ///
+    /// Computed as transformers does, in f32: `inv_freq = 1 / θ^(2i/d)`, `angle = pos · inv_freq`.
+    pub fn new(config: &Config, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let d = config.head_dim;
+        let theta = config.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        let n = config.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * d / 2);
+        let mut sin = Vec::with_capacity(n * d / 2);
+        for pos in 0..n {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (n, d / 2), device)?.to_dtype(dtype);
+        Ok(Self {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+
+    /// Rotates `q` and `k` (`[batch, heads, t, head_dim]`) for positions `offset..offset + t`.
+    pub fn apply(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        offset: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let t = q.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        Ok((
+            candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?,
+            candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?,
+        ))
+    }
+}
+
+/// Causal self-attention with grouped-query heads and ternary projections.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    q_proj: BitLinear,
+    k_proj: BitLinear,
+    v_proj: BitLinear,
+    o_proj: BitLinear,
+    /// SubLN before `o_proj` (`attn_sub_norm`; 1bitLLM: `inner_attn_ln`). See the module docs.
+    sub_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(l: &mut Loader<'_>, prefix: &str) -> Result<Self> {
+        let c = l.config;
+        let (h, nh, nkv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let p = |n: &str| format!("{prefix}.self_attn.{n}");
+        let sub_norm = match c.family {
+            Family::BitNet => Some(l.norm(&p("attn_sub_norm.weight"), h)?),
+            Family::Llama => l.optional_norm(&[p("inner_attn_ln.weight")], h)?,
+        };
+        Ok(Self {
+            q_proj: l.linear(&p("q_proj.weight"), nh * hd, h)?,
+            k_proj: l.linear(&p("k_proj.weight"), nkv * hd, h)?,
+            v_proj: l.linear(&p("v_proj.weight"), nkv * hd, h)?,
+            o_proj: l.linear(&p("o_proj.weight"), h, nh * hd)?,
+            sub_norm,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `x`: `[b, t, hidden]` at positions `offset..offset + t`; `mask`: `[t, offset + t]`
+    /// additive causal mask (None when `t == 1`).
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: &mut LayerCache,
+        max_context: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (q, k) = rope.apply(&q, &k, offset)?;
+        let f32 = |y: &Tensor| y.to_dtype(DType::F32);
+        let (k, v) = cache.append(&f32(&k)?, &f32(&v)?, max_context)?;
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying K/V per query head: query heads h·rep..(h+1)·rep
+        // share kv head h, so fold them into the row dimension: [b, nkv, rep·t, hd].
+        let rep = nh / nkv;
+        let q = f32(&q)?.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, nkv, rep, t, total))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, rep * t, total))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?
+            .to_dtype(x.dtype())?;
+        let out = match &self.sub_norm {
+            Some(n) => n.forward(&out)?,
+            None => out,
+        };
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Gated MLP with ternary projections: ReLU² + `ffn_sub_norm` (BitNet) or SiLU (Llama).
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    gate_proj: BitLinear,
+    up_proj: BitLinear,
+    down_proj: BitLinear,
+    family: Family,
+    /// SubLN before `down_proj` (`ffn_sub_norm`; 1bitLLM: `ffn_layernorm`). See the module docs.
+    sub_norm: Option<RmsNorm>,
+}
+
+impl Mlp {
+    fn load(l: &mut Loader<'_>, prefix: &str) -> Result<Self> {
+        let (h, i) = (l.config.hidden_size, l.config.intermediate_size);
+        let p = |n: &str| format!("{prefix}.mlp.{n}");
+        let sub_norm = match l.config.family {
+            Family::BitNet => Some(l.norm(&p("ffn_sub_norm.weight"), i)?),
+            Family::Llama => l.optional_norm(&[p("ffn_layernorm.weight")], i)?,
+        };
+        Ok(Self {
+            gate_proj: l.linear(&p("gate_proj.weight"), i, h)?,
+            up_proj: l.linear(&p("up_proj.weight"), i, h)?,
+            down_proj: l.linear(&p("down_proj.weight"), h, i)?,
+            family: l.config.family,
+            sub_norm,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let act = match self.family {
+            Family::BitNet => gate.relu()?.sqr()?,
+            Family::Llama => candle_nn::ops::silu(&gate)?,
+        };
+        let h = (act * self.up_proj.forward(x)?)?;
+        let h = match &self.sub_norm {
+            Some(n) => n.forward(&h)?,
+            None => h,
+        };
+        self.down_proj.forward(&h)
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(l: &mut Loader<'_>, index: usize) -> Result<Self> {
+        let prefix = format!("model.layers.{index}");
+        let h = l.config.hidden_size;
+        Ok(Self {
+            input_layernorm: l.norm(&format!("{prefix}.input_layernorm.weight"), h)?,
+            self_attn: Attention::load(l, &prefix)?,
+            post_attention_layernorm: l
+                .norm(&format!("{prefix}.post_attention_layernorm.weight"), h)?,
+            mlp: Mlp::load(l, &prefix)?,
+        })
+    }
+}
+
+/// The decoder stack: embedding, layers, final norm (everything but the LM head).
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// Token embedding `[vocab, hidden]`; f32 when it doubles as the (tied) head.
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    rotary: RotaryEmbedding,
+    dtype: DType,
+}
+
+impl Model {
+    /// Hidden states after the final norm, `[b, t, hidden]`, for `ids` (`[b, t]`) at positions
+    /// `offset..offset + t`, appending to `cache`.
+    fn forward(
+        &self,
+        ids: &Tensor,
+        offset: usize,
+        cache: &mut Cache,
+        max_context: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?
+            .to_dtype(self.dtype)?;
+        let mask = causal_mask(t, offset, ids.device())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let Some(lc) = cache.layer(i) else {
+                candle_core::bail!("KV cache has no slot for layer {i}");
+            };
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer.self_attn.forward(
+                &h,
+                &self.rotary,
+                offset,
+                mask.as_ref(),
+                lc,
+                max_context,
+            )?;
+            x = (x + h)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        cache.advance(t);
+        self.norm.forward(&x)
+    }
+}
+
+/// Additive mask `[t, offset + t]`: 0 where key `j` ≤ query position `offset + i`, −∞ after.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let total = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (t, total), device).map(Some)
+}
+
+/// A BitNet b1.58 causal language model with its KV cache: the type to load and run.
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use bitnet_model::ForCausalLM;
+/// use candle_core::{DType, Device, Tensor};
+///
+/// let dev = Device::Cpu;
+/// let mut model = ForCausalLM::load("bitnet-b1.58-2B-4T".as_ref(), DType::BF16, &dev)?;
+/// for w in model.warnings() {
+///     eprintln!("warning: {w}");
+/// }
+/// let prompt = Tensor::new(&[[128000u32, 9906, 11]], &dev)?;
+/// let logits = model.forward(&prompt, 0)?; // [1, vocab], f32
+/// let next = logits.argmax(1)?.to_vec1::<u32>()?[0];
+/// let logits = model.forward(&Tensor::new(&[[next]], &dev)?, 3)?; // continues from the cache
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ForCausalLM {
+    model: Model,
+    /// LM head `[vocab, hidden]` in f32 (the embedding itself when tied).
+    lm_head: Tensor,
+    cache: Cache,
+    config: Config,
+    warnings: Vec<String>,
+    prefill_chunk: usize,
+}
+
+impl ForCausalLM {
+    /// Loads `dir/config.json` and the weights of `dir` to run in `dtype` (F32 or BF16) on
+    /// `device`. Problems that do not prevent running (an all-zero ternary tensor, unused
+    /// tensors) are collected in [`ForCausalLM::warnings`]; the library never prints.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Config::from_file(&config_path(dir))?;
+        let weights = Weights::open(dir)?;
+        Self::from_weights(config, &weights, dtype, device)
+    }
+
+    /// Builds the model from an already parsed config and opened weights.
+    pub fn from_weights(
+        config: Config,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        match dtype {
+            DType::F32 | DType::BF16 => {}
+            DType::F16 => {
+                return Err(Error::UnsupportedDType {
+                    dtype,
+                    reason:
+                        "BitNet activations (ReLU² in particular) overflow f16; use bf16 or f32",
+                })
+            }
+            _ => {
+                return Err(Error::UnsupportedDType {
+                    dtype,
+                    reason: "the model computes in bf16 or f32",
+                })
+            }
+        }
+        let mut l = Loader {
+            weights,
+            config: &config,
+            dtype,
+            device,
+            used: HashSet::new(),
+            warnings: Vec::new(),
+        };
+        let (vocab, h) = (config.vocab_size, config.hidden_size);
+        let embed_name = "model.embed_tokens.weight";
+        let (embed_tokens, lm_head) = if config.tie_word_embeddings {
+            let e = l.float(embed_name, &[vocab, h], DType::F32)?;
+            (e.clone(), e)
+        } else {
+            let e = l.float(embed_name, &[vocab, h], dtype)?;
+            if !weights.contains("lm_head.weight") {
+                return Err(Error::MissingTensor {
+                    name: "lm_head.weight".into(),
+                    path: weights
+                        .files()
+                        .first()
+                        .map(|p| p.to_path_buf())
+                        .unwrap_or_default(),
+                    hint: "; config.json has tie_word_embeddings false (or absent, which means \
+                           false): set it to true if the LM head shares the embedding"
+                        .into(),
+                });
+            }
+            (e, l.float("lm_head.weight", &[vocab, h], DType::F32)?)
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&mut l, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = l.norm("model.norm.weight", h)?;
+        let mut unused: Vec<&str> = weights
+            .tensors()
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|n| !l.used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
+        unused.sort_unstable();
+        let mut warnings = l.warnings;
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(8).copied().collect();
+            warnings.push(format!(
+                "{} tensor(s) in the checkpoint are not used by a {} model: {}{}",
+                unused.len(),
+                config.family.model_type(),
+                shown.join(", "),
+                if unused.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let model = Model {
+            embed_tokens,
+            layers,
+            norm,
+            rotary: RotaryEmbedding::new(&config, dtype, device)?,
+            dtype,
+        };
+        Ok(Self {
+            model,
+            lm_head,
+            cache: Cache::new(config.num_hidden_layers),
+            config,
+            warnings,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        })
+    }
+
+    /// Logits of the **last** position, `[batch, vocab]` in f32, for `input_ids` (`[batch, seq]`,
+    /// u32) at positions `seqlen_offset..seqlen_offset + seq`.
+    ///
+    /// The KV cache must hold exactly the first `seqlen_offset` positions of these sequences:
+    /// pass 0 for a new prompt (the cache is reset), then the number of tokens processed so far.
+    /// A smaller offset rewinds the cache to that point. Long inputs are processed in chunks of
+    /// [`ForCausalLM::set_prefill_chunk`] tokens so memory stays bounded.
+    pub fn forward(
+        &mut self,
+        input_ids: &Tensor,
+        seqlen_offset: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
+        let mut last = None;
+        for start in (0..t).step_by(self.prefill_chunk) {
+            let n = self.prefill_chunk.min(t - start);
+            last = Some(self.hidden(&ids.narrow(1, start, n)?, seqlen_offset + start)?);
+        }
+        let Some(hidden) = last else {
+            candle_core::bail!("forward needs at least one token");
+        };
+        let n = hidden.dim(1)?;
+        self.head(&hidden.narrow(1, n - 1, 1)?)?.squeeze(1)
+    }
+
+    /// Logits of **every** position, `[batch, seq, vocab]` in f32 (for perplexity); same
+    /// cache rules as [`ForCausalLM::forward`].
+    pub fn forward_all(
+        &mut self,
+        input_ids: &Tensor,
+        seqlen_offset: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
+        let mut chunks = Vec::new();
+        for start in (0..t).step_by(self.prefill_chunk) {
+            let n = self.prefill_chunk.min(t - start);
+            let hidden = self.hidden(&ids.narrow(1, start, n)?, seqlen_offset + start)?;
+            chunks.push(self.head(&hidden)?);
+        }
+        Tensor::cat(&chunks, 1)
+    }
+
+    /// Checks the ids and positions, and rewinds the cache to `offset`.
+    fn prepare(
+        &mut self,
+        input_ids: &Tensor,
+        offset: usize,
+    ) -> candle_core::Result<(Tensor, usize)> {
+        let (_, t) = input_ids.dims2()?;
+        if t == 0 {
+            candle_core::bail!("forward needs at least one token");
+        }
+        let max = self.max_context();
+        if offset + t > max {
+            candle_core::bail!(
+                "positions {offset}..{} exceed the model's context of {max} tokens \
+                 (max_position_embeddings)",
+                offset + t
+            );
+        }
+        let ids = match input_ids.dtype() {
+            DType::U32 => input_ids.clone(),
+            DType::I64 | DType::U8 => input_ids.to_dtype(DType::U32)?,
+            other => candle_core::bail!("input_ids must be u32 token ids, got {other:?}"),
+        };
+        let vocab = self.config.vocab_size as u32;
+        if let Some(&bad) = ids
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .iter()
+            .find(|&&id| id >= vocab)
+        {
+            candle_core::bail!("token id {bad} is out of range for a vocabulary of {vocab}");
+        }
+        self.cache.seek(offset)?;
+        Ok((ids, t))
+    }
+
+    fn hidden(&mut self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        let max = self.max_context();
+        let r = self.model.forward(ids, offset, &mut self.cache, max);
+        if r.is_err() {
+            // A failed step leaves layers at different lengths: start over rather than mislead.
+            self.cache.clear();
+        }
+        r
+    }
+
+    /// `[b, t, hidden]` → f32 logits `[b, t, vocab]`.
+    fn head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        hidden
+            .to_dtype(DType::F32)?
+            .reshape((b * t, h))?
+            .matmul(&self.lm_head.t()?)?
+            .reshape((b, t, ()))
+    }
+
+    /// Forgets the KV cache (start of a new, unrelated sequence).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Number of positions in the KV cache (the `seqlen_offset` that continues it).
+    pub fn cached_tokens(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Sets how many prompt tokens one step processes (default [`DEFAULT_PREFILL_CHUNK`]);
+    /// attention memory grows with chunk × context. Values below 1 are treated as 1.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Problems found while loading that did not stop it, one sentence each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Longest sequence (prompt + generated tokens) the model accepts.
+    pub fn max_context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// The compute dtype of the hidden states (F32 or BF16).
+    pub fn dtype(&self) -> DType {
+        self.model.dtype
+    }
+
+    /// The device holding the weights (input ids must live there too).
+    pub fn device(&self) -> &Device {
+        self.lm_head.device()
+    }
+
+    /// Tokens per prefill step.
+    pub(crate) fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+}
