@@ -9,8 +9,10 @@
 //! - [`quant`]: per-token absmax int8 activation quantization (ties-to-even, as PyTorch);
 //! - [`TernaryWeight`]: the kernel layout, repacked once at load time;
 //! - [`cpu`]: scalar, AVX2, AVX-512 VNNI and NEON products, chosen at run time;
-//! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op).
+//! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op);
+//! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16).
 
+mod dense;
 mod error;
 mod layout;
 mod op;
@@ -19,6 +21,7 @@ pub mod cpu;
 pub mod pack;
 pub mod quant;
 
+pub use dense::{Bf16LinearOp, Bf16Matrix};
 pub use error::{KernelError, Result};
 pub use layout::{TernaryWeight, BLOCK};
 pub use op::{BitLinearOp, ScaleConvention};

@@ -218,3 +218,48 @@ fn layout_rejects_invalid_weights() {
             .is_all_zero()
     );
 }
+
+/// The BF16 head product on every instruction set against an f64 reference, on ragged widths.
+#[test]
+fn bf16_matmul_matches_f64_reference() {
+    use bitnet_kernels::{Bf16LinearOp, Bf16Matrix};
+    let mut rng = StdRng::seed_from_u64(3);
+    for (rows, cols, tokens) in [(67, 2560, 1), (5, 77, 3), (130, 1000, 4)] {
+        let w: Vec<half::bf16> = (0..rows * cols)
+            .map(|_| half::bf16::from_f32(rng.random_range(-0.1..0.1)))
+            .collect();
+        let x = random_acts(&mut rng, tokens * cols);
+        let m = Bf16Matrix::new(w.clone(), rows, cols).unwrap();
+        for isa in Isa::available() {
+            let mut out = vec![0f32; rows * tokens];
+            m.matmul(isa, &x, &mut out);
+            for r in 0..rows {
+                for t in 0..tokens {
+                    let terms =
+                        (0..cols).map(|k| w[r * cols + k].to_f64() * x[t * cols + k] as f64);
+                    let (want, scale) = terms.fold((0.0, 0.0), |(s, a), v| (s + v, a + v.abs()));
+                    let got = out[r * tokens + t] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "{isa:?} [{r},{t}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let op = Bf16LinearOp::new(std::sync::Arc::new(m));
+        let y = op
+            .forward(&Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(y.dims(), &[tokens, rows]);
+        let y = y.to_vec2::<f32>().unwrap();
+        let mut direct = vec![0f32; rows * tokens];
+        Bf16Matrix::new(w, rows, cols)
+            .unwrap()
+            .matmul(Isa::detect(), &x, &mut direct);
+        for t in 0..tokens {
+            for r in 0..rows {
+                assert_eq!(y[t][r], direct[r * tokens + t]);
+            }
+        }
+    }
+}

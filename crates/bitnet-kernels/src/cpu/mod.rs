@@ -14,6 +14,9 @@ use rayon::prelude::*;
 use crate::layout::{TernaryWeight, BLOCK, ROW_GROUP};
 use crate::quant::QuantizedActivations;
 
+pub(crate) use dense::dense_tile;
+
+mod dense;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;

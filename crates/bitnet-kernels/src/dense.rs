@@ -1,0 +1,170 @@
+//! [`Bf16Matrix`] and [`Bf16LinearOp`]: the LM head, a plain (non-ternary) matrix kept in BF16.
+//!
+//! BitNet's head is the tied embedding (2B-4T: 128256 × 2560, 657 MB in BF16), read in full for
+//! every generated token. candle's CPU matmul has no BF16 path, so the alternative would be an
+//! f32 copy: twice the memory and twice the bytes per token. Here products are computed from
+//! the BF16 values (widened exactly to f32) with f32 accumulation, which is what transformers
+//! computes in f32 mode after upcasting the BF16 checkpoint.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu::{dense_tile, Isa};
+use crate::error::KernelError;
+use crate::pack::check_len;
+
+/// A row-major BF16 matrix `[rows, cols]`.
+#[derive(Clone)]
+pub struct Bf16Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<bf16>,
+}
+
+impl std::fmt::Debug for Bf16Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bf16Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl Bf16Matrix {
+    /// Wraps row-major BF16 values.
+    pub fn new(data: Vec<bf16>, rows: usize, cols: usize) -> crate::Result<Self> {
+        check_len("bf16 matrix", data.len(), rows, cols)?;
+        Ok(Self { rows, cols, data })
+    }
+
+    /// Rows (output features of the product).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `i` (e.g. one token's embedding when the matrix is a tied embedding table).
+    pub fn row(&self, i: usize) -> Option<&[bf16]> {
+        self.data.get(i * self.cols..(i + 1) * self.cols)
+    }
+
+    /// Bytes held.
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len() * 2
+    }
+
+    /// `out[r · tokens + t] = Σ_k W[r,k] · x[t,k]` in f32 (`x` is `tokens × cols`), split across
+    /// the current rayon pool. Sums run in a fixed order per instruction set, so results are
+    /// deterministic but differ from [`Isa::Scalar`] by float rounding only.
+    ///
+    /// # Panics
+    /// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
+    pub fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        assert!(
+            Isa::available().contains(&isa),
+            "{isa:?} is not supported by this CPU"
+        );
+        let tokens = x.len().checked_div(self.cols).unwrap_or(0);
+        assert_eq!(
+            x.len(),
+            tokens * self.cols,
+            "input does not match the matrix width"
+        );
+        assert_eq!(
+            out.len(),
+            self.rows * tokens,
+            "output does not match [rows, tokens]"
+        );
+        if tokens == 0 || self.rows == 0 {
+            return;
+        }
+        let chunk_rows = 64;
+        out.par_chunks_mut(chunk_rows * tokens)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let r0 = i * chunk_rows;
+                let rows = out.len() / tokens;
+                let w = &self.data[r0 * self.cols..(r0 + rows) * self.cols];
+                dense_tile(isa, w, self.cols, x, tokens, out);
+            });
+    }
+}
+
+/// `y = x · Wᵀ` for a [`Bf16Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32.
+#[derive(Clone, Debug)]
+pub struct Bf16LinearOp {
+    weight: Arc<Bf16Matrix>,
+}
+
+impl Bf16LinearOp {
+    /// The product with `weight`.
+    pub fn new(weight: Arc<Bf16Matrix>) -> Self {
+        Self { weight }
+    }
+
+    /// Applies the product to `x` (`[..., cols]`); the result is f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Bf16LinearOp {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("bf16-linear: input must be contiguous".into())
+        })?;
+        let mut dims = layout.shape().dims().to_vec();
+        let w = &self.weight;
+        match dims.last_mut() {
+            Some(last) if *last == w.cols => *last = w.rows,
+            last => {
+                let got = last.map_or(0, |l| *l);
+                return Err(KernelError::InputFeatures {
+                    got,
+                    expected: w.cols,
+                }
+                .into());
+            }
+        }
+        let x: std::borrow::Cow<[f32]> = match storage {
+            CpuStorage::F32(x) => x[start..end].into(),
+            CpuStorage::BF16(x) => x[start..end]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<Vec<_>>()
+                .into(),
+            other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
+        };
+        let tokens = x.len() / w.cols.max(1);
+        let mut acc = vec![0f32; w.rows * tokens];
+        w.matmul(Isa::detect(), &x, &mut acc);
+        let y = if tokens == 1 {
+            acc
+        } else {
+            let mut y = vec![0f32; acc.len()];
+            for (r, row) in acc.chunks_exact(tokens).enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    y[t * w.rows + r] = *v;
+                }
+            }
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
