@@ -11,7 +11,9 @@ pub const FIXTURES: [&str; 4] = ["bitnet-packed", "bitnet-bf16", "llama-packed",
 
 /// Directory of fixture `name`.
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// A fixture's `reference.json`: transformers' outputs on its weights.
@@ -21,27 +23,42 @@ impl Reference {
     /// Reads `fixtures/<name>/reference.json`.
     pub fn load(name: &str) -> Result<Self> {
         let path = fixture_dir(name).join("reference.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(Self(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?))
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self(
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+        ))
     }
 
     /// Token ids under `key` (a JSON pointer such as `/input_ids`).
     pub fn ids(&self, pointer: &str) -> Vec<u32> {
-        self.array(pointer).iter().map(|v| v.as_u64().unwrap_or(u64::MAX) as u32).collect()
+        self.array(pointer)
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(u64::MAX) as u32)
+            .collect()
     }
 
     /// Floats under `pointer`.
     pub fn floats(&self, pointer: &str) -> Vec<f32> {
-        self.array(pointer).iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect()
+        self.array(pointer)
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+            .collect()
     }
 
     /// A number under `pointer`.
     pub fn float(&self, pointer: &str) -> f64 {
-        self.0.pointer(pointer).and_then(Value::as_f64).unwrap_or(f64::NAN)
+        self.0
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
     }
 
     /// The JSON array under `pointer` (empty if absent, so that comparisons fail loudly).
     pub fn array(&self, pointer: &str) -> &[Value] {
-        self.0.pointer(pointer).and_then(Value::as_array).map_or(&[], Vec::as_slice)
+        self.0
+            .pointer(pointer)
+            .and_then(Value::as_array)
+            .map_or(&[], Vec::as_slice)
     }
 }

@@ -18,8 +18,18 @@ struct Tolerance {
     margin: f32,
 }
 
-const F32: Tolerance = Tolerance { mean_nll: 2e-3, token_nll: 2e-2, logit: 1e-3, margin: 1e-2 };
-const BF16: Tolerance = Tolerance { mean_nll: 0.1, token_nll: 1.0, logit: 1.0, margin: 0.5 };
+const F32: Tolerance = Tolerance {
+    mean_nll: 2e-3,
+    token_nll: 2e-2,
+    logit: 1e-3,
+    margin: 1e-2,
+};
+const BF16: Tolerance = Tolerance {
+    mean_nll: 0.1,
+    token_nll: 1.0,
+    logit: 1.0,
+    margin: 0.5,
+};
 
 fn check_fixture(name: &str, dtype: DType) {
     let (key, tol) = match dtype {
@@ -32,47 +42,85 @@ fn check_fixture(name: &str, dtype: DType) {
 
     // Teacher-forced NLL and logits from one forward over the evaluation text.
     let ids = reference.ids("/input_ids");
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward_all(&input, 0).unwrap().i(0).unwrap();
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let nll: Vec<f32> = (0..ids.len() - 1)
-        .map(|i| -log_probs.i((i, ids[i + 1] as usize)).unwrap().to_scalar::<f32>().unwrap())
+        .map(|i| {
+            -log_probs
+                .i((i, ids[i + 1] as usize))
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
         .collect();
     let want = reference.floats(&format!("/dtypes/{key}/nll"));
     assert_eq!(nll.len(), want.len(), "{name}: scored tokens");
     let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
     let want_mean = reference.float(&format!("/dtypes/{key}/mean_nll"));
-    assert!((mean - want_mean).abs() <= tol.mean_nll, "{name} {key}: mean NLL {mean} vs transformers {want_mean}");
+    assert!(
+        (mean - want_mean).abs() <= tol.mean_nll,
+        "{name} {key}: mean NLL {mean} vs transformers {want_mean}"
+    );
     for (i, (a, b)) in nll.iter().zip(&want).enumerate() {
-        assert!(((a - b).abs() as f64) <= tol.token_nll, "{name} {key}: NLL of token {} is {a}, transformers {b}", i + 1);
+        assert!(
+            ((a - b).abs() as f64) <= tol.token_nll,
+            "{name} {key}: NLL of token {} is {a}, transformers {b}",
+            i + 1
+        );
     }
     let positions = reference.ids(&format!("/dtypes/{key}/logits/positions"));
-    for (p, values) in positions.iter().zip(reference.array(&format!("/dtypes/{key}/logits/values"))) {
+    for (p, values) in positions
+        .iter()
+        .zip(reference.array(&format!("/dtypes/{key}/logits/values")))
+    {
         let ours = logits.i(*p as usize).unwrap().to_vec1::<f32>().unwrap();
         let max_diff = ours
             .iter()
             .zip(values.as_array().unwrap())
             .map(|(a, b)| (*a as f64 - b.as_f64().unwrap()).abs())
             .fold(0.0, f64::max);
-        assert!(max_diff <= tol.logit, "{name} {key}: logits at position {p} differ by {max_diff}");
+        assert!(
+            max_diff <= tol.logit,
+            "{name} {key}: logits at position {p} differ by {max_diff}"
+        );
     }
 
     // Greedy decoding through the KV cache, one token per forward, as transformers did.
     let prompt = reference.ids("/greedy_prompt_ids");
     let want_ids = reference.ids(&format!("/dtypes/{key}/greedy/ids"));
     let margins = reference.floats(&format!("/dtypes/{key}/greedy/margins"));
-    let comparable = margins.iter().position(|&m| m < tol.margin).unwrap_or(margins.len());
-    let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let comparable = margins
+        .iter()
+        .position(|&m| m < tol.margin)
+        .unwrap_or(margins.len());
+    let mut input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut offset = 0;
     for (step, want) in want_ids.iter().take(comparable).enumerate() {
         let logits = model.forward(&input, offset).unwrap().i(0).unwrap();
         offset += input.dim(1).unwrap();
         let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        assert_eq!(next, *want, "{name} {key}: greedy step {step} (of {comparable} comparable)");
-        input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(
+            next, *want,
+            "{name} {key}: greedy step {step} (of {comparable} comparable)"
+        );
+        input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
     }
     if dtype == DType::F32 {
-        assert_eq!(comparable, want_ids.len(), "{name}: every f32 greedy step is comparable");
+        assert_eq!(
+            comparable,
+            want_ids.len(),
+            "{name}: every f32 greedy step is comparable"
+        );
     }
 }
 
@@ -107,10 +155,21 @@ fn chat_template_matches_transformers() {
             .iter()
             .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
-        let text = template.render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let text = template
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(text, case["text"].as_str().unwrap());
-        let ids = tokenizer.encode(text.as_str(), false).unwrap().get_ids().to_vec();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids = tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(ids, want, "chat ids for {:?}", case["messages"]);
     }
 }
