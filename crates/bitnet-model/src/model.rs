@@ -124,15 +124,16 @@ pub struct RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // transformers' LlamaRMSNorm op for op: h = x·rsqrt(mean(x²) + eps) in f32, cast, then
+        // weight·h. (candle's fused rms_norm rounds differently; on these models a last-bit
+        // difference can flip an int8 activation rounding downstream, so the order matters.)
         let dtype = x.dtype();
-        if dtype == DType::F32 {
-            // Same arithmetic in one fused pass: x / sqrt(mean(x²) + eps) · w.
-            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
-        }
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        xf.broadcast_mul(&inv)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)
     }
 }
 
