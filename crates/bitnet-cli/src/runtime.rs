@@ -1,0 +1,154 @@
+//! `--device`, `--dtype`, `--threads`, and loading a model with its tokenizer.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bitnet_model::ForCausalLM;
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+
+use crate::source::{ModelDir, SourceArgs};
+
+/// How to run the model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Device: cpu, or cuda (GPU 0; needs a build with CUDA support).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+
+    /// Compute dtype: f32 (default on CPU; the configuration that matches transformers'
+    /// float32 outputs) or bf16 (default on CUDA). f16 is refused: BitNet's ReLU² activations
+    /// overflow it.
+    #[arg(long, value_parser = parse_dtype, value_name = "f32|bf16")]
+    pub dtype: Option<DType>,
+
+    /// Worker threads for the matrix products (sets the rayon pool and RAYON_NUM_THREADS, which
+    /// candle's CPU matmul reads). [default: all cores, or $RAYON_NUM_THREADS]
+    #[arg(long, short = 't', value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "half" => Err(
+            "f16 is not supported: BitNet's ReLU² activations overflow f16's range (NaN from the \
+             first layer); use bf16 for half-precision memory, or f32"
+                .into(),
+        ),
+        _ => Err("expected f32 or bf16".into()),
+    }
+}
+
+impl RuntimeArgs {
+    /// Sizes the thread pool; call first, before any candle operation. Returns the thread count.
+    pub fn init_threads(&self) -> Result<usize> {
+        if let Some(n) = self.threads {
+            if n == 0 {
+                bail!("--threads 0: must be at least 1");
+            }
+            // candle's CPU matmul (gemm) sizes its own parallelism from this variable.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .with_context(|| format!("--threads {n}: cannot build the thread pool"))?;
+        }
+        Ok(rayon::current_num_threads())
+    }
+
+    /// The candle device.
+    pub fn device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "cuda" => Device::new_cuda(0).map_err(|e| {
+                if matches!(e, candle_core::Error::NotCompiledWithCudaSupport) {
+                    anyhow!(
+                        "--device cuda: this build has no CUDA support; rebuild with \
+                         --features cuda (or use --device cpu)"
+                    )
+                } else {
+                    anyhow!("--device cuda: cannot open CUDA device 0: {e}")
+                }
+            }),
+            _ => Ok(Device::Cpu),
+        }
+    }
+
+    /// The compute dtype: `--dtype`, else f32 on CPU and bf16 on a GPU.
+    pub fn dtype(&self, device: &Device) -> DType {
+        self.dtype.unwrap_or(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        })
+    }
+}
+
+/// A loaded model and what the commands report about it.
+pub struct Loaded {
+    pub model: ForCausalLM,
+    pub tokenizer: Tokenizer,
+    pub source: ModelDir,
+    pub load_s: f64,
+    pub threads: usize,
+}
+
+/// The kernel path the ternary products take, e.g. `avx512vnni`.
+pub fn isa() -> &'static str {
+    bitnet_kernels::cpu::Isa::detect().name()
+}
+
+/// Sets up threads, resolves `--model`, loads the weights and the tokenizer; prints the load
+/// line and any model warnings to stderr.
+pub fn load(source: &SourceArgs, runtime: &RuntimeArgs) -> Result<Loaded> {
+    let threads = runtime.init_threads()?;
+    let device = runtime.device()?;
+    let dtype = runtime.dtype(&device);
+    let dir = source.resolve()?;
+    let start = Instant::now();
+    let tokenizer = load_tokenizer(&dir.dir)?;
+    let model = ForCausalLM::load(&dir.dir, dtype, &device)
+        .with_context(|| format!("loading the model from {}", dir.dir.display()))?;
+    let load_s = start.elapsed().as_secs_f64();
+    for w in model.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let c = model.config();
+    eprintln!(
+        "loaded {} ({} layers, hidden {}, vocab {}, context {}) in {:.3} s: {} on {}, \
+         kernel {}, {} threads",
+        dir.name,
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+        load_s,
+        format!("{dtype:?}").to_lowercase(),
+        if device.is_cpu() { "cpu" } else { "cuda" },
+        isa(),
+        threads
+    );
+    Ok(Loaded {
+        model,
+        tokenizer,
+        source: dir,
+        load_s,
+        threads,
+    })
+}
+
+/// `dir/tokenizer.json`, with an error naming it.
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    bitnet_model::chat::load_tokenizer(dir).context("loading the tokenizer")
+}
+
+/// Encodes `text`; `special` adds the post-processor's tokens (BOS), as `tokenizer(text)` does.
+pub fn encode(tokenizer: &Tokenizer, text: &str, special: bool) -> Result<Vec<u32>> {
+    Ok(tokenizer
+        .encode(text, special)
+        .map_err(|e| anyhow!("cannot tokenize the input: {e}"))?
+        .get_ids()
+        .to_vec())
+}
