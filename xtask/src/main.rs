@@ -6,7 +6,7 @@
 //! cargo xtask synth <output> [--preset tiny|2b4t] [--hidden N --layers N ...] [--seed N] [--float]
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -45,6 +45,10 @@ enum Cmd {
         /// Accept a llama checkpoint that shows no sign of ternary training.
         #[arg(long)]
         allow_plain_llama: bool,
+        /// Skip loading the new checkpoint with bitnet-model (and one forward step) before it
+        /// is moved into place.
+        #[arg(long)]
+        no_load_check: bool,
     },
     /// Write a deterministic random checkpoint with real shapes and names.
     Synth {
@@ -93,6 +97,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads a finished checkpoint with bitnet-model (BF16 on the CPU) and runs one token through
+/// it, requiring finite logits.
+fn load_check(dir: &Path) -> std::result::Result<(), String> {
+    use candle_core::{DType, Device, Tensor};
+    let mut model = bitnet_model::ForCausalLM::load(dir, DType::BF16, &Device::Cpu)
+        .map_err(|e| format!("bitnet-model: {e}"))?;
+    for w in model.warnings() {
+        eprintln!("warning (bitnet-model): {w}");
+    }
+    let mut step = || -> candle_core::Result<Vec<f32>> {
+        let ids = Tensor::new(&[[0u32]], &Device::Cpu)?;
+        model.forward(&ids, 0)?.flatten_all()?.to_vec1::<f32>()
+    };
+    let logits = step().map_err(|e| format!("bitnet-model forward: {e}"))?;
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "bitnet-model forward gave a non-finite logit at {i}"
+        ));
+    }
+    Ok(())
+}
+
 fn run() -> Result<ExitCode> {
     let command_line = std::iter::once("cargo xtask".to_string())
         .chain(std::env::args().skip(1))
@@ -107,6 +133,7 @@ fn run() -> Result<ExitCode> {
             shard_size,
             no_verify,
             allow_plain_llama,
+            no_load_check,
         } => {
             if check_only {
                 let report = check(&output, &input, &mut progress::stderr())?;
@@ -123,11 +150,19 @@ fn run() -> Result<ExitCode> {
             opts.verify = !no_verify;
             opts.allow_plain_llama = allow_plain_llama;
             opts.command = Some(command_line);
+            if !no_load_check {
+                opts.load_check = Some(load_check);
+            }
             let r = convert(&opts, &mut progress::stderr())?;
             eprintln!(
-                "wrote {} ({} family): {} tensors, {} ternary, {:.1} MB in {} file(s) from {:.1} MB in {:.1} s{}",
+                "wrote {} ({} family{}): {} tensors, {} ternary, {:.1} MB in {} file(s) from {:.1} MB in {:.1} s{}",
                 r.output.display(),
                 r.family,
+                if r.load_checked {
+                    ", loads in bitnet-model"
+                } else {
+                    ""
+                },
                 r.tensors,
                 r.linears,
                 r.bytes_written as f64 / 1e6,

@@ -142,9 +142,10 @@ pub fn convert(opts: &ConvertOptions, progress: &mut dyn FnMut(&Progress<'_>)) -
             .any(|t| t.info.name.contains("inner_attn_ln") || t.info.name.contains("ffn_layernorm"))
     {
         warn(
-            "the sub-norm tensors inner_attn_ln / ffn_layernorm are kept under their 1bitLLM names; \
-             transformers' LlamaForCausalLM has no such norms and ignores them, so it computes a \
-             different model from this checkpoint than the original remote code does"
+            "the sub-norm tensors inner_attn_ln / ffn_layernorm keep their 1bitLLM names, which \
+             bitnet-model runs; transformers' LlamaForCausalLM has no sub-norms and ignores them, \
+             so transformers computes a different model from this checkpoint than the original \
+             remote code does"
                 .into(),
             progress,
         );
@@ -357,9 +358,9 @@ fn model_card(
             .iter()
             .any(|t| t.info.name.contains("inner_attn_ln"))
     {
-        "\n- The sub-norms `inner_attn_ln` / `ffn_layernorm` keep their 1bitLLM names. transformers' \
-         Llama has no sub-norms and ignores them (it computes a different model than the original \
-         remote code); use a runtime that knows them.\n"
+        "\n- The sub-norms `inner_attn_ln` / `ffn_layernorm` keep their 1bitLLM names (the \
+         bitnet-rs runtime applies them). transformers' Llama has no sub-norms and ignores them, \
+         so it computes a different model than the original remote code.\n"
     } else {
         ""
     };
