@@ -49,6 +49,9 @@ enum Cmd {
         /// is moved into place.
         #[arg(long)]
         no_load_check: bool,
+        /// How to name the source in the model card (default: the input path).
+        #[arg(long)]
+        source_name: Option<String>,
     },
     /// Write a deterministic random checkpoint with real shapes and names.
     Synth {
@@ -119,9 +122,22 @@ fn load_check(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Quotes an argument for a POSIX shell when it needs it (for the model card's command line).
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
 fn run() -> Result<ExitCode> {
     let command_line = std::iter::once("cargo xtask".to_string())
-        .chain(std::env::args().skip(1))
+        .chain(std::env::args().skip(1).map(|a| shell_quote(&a)))
         .collect::<Vec<_>>()
         .join(" ");
     match Cli::parse().cmd {
@@ -134,6 +150,7 @@ fn run() -> Result<ExitCode> {
             no_verify,
             allow_plain_llama,
             no_load_check,
+            source_name,
         } => {
             if check_only {
                 let report = check(&output, &input, &mut progress::stderr())?;
@@ -150,6 +167,7 @@ fn run() -> Result<ExitCode> {
             opts.verify = !no_verify;
             opts.allow_plain_llama = allow_plain_llama;
             opts.command = Some(command_line);
+            opts.source_name = source_name;
             if !no_load_check {
                 opts.load_check = Some(load_check);
             }

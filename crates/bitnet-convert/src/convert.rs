@@ -337,10 +337,12 @@ fn model_card(
     linears: usize,
     bytes: u64,
 ) -> String {
-    let source = opts
-        .source_name
-        .clone()
-        .unwrap_or_else(|| opts.input.display().to_string());
+    // A path or Hub id in code style; a description as plain text.
+    let source = match &opts.source_name {
+        Some(name) if name.contains(char::is_whitespace) => name.clone(),
+        Some(name) => format!("`{name}`"),
+        None => format!("`{}`", opts.input.display()),
+    };
     let command = opts.command.clone().unwrap_or_else(|| {
         format!(
             "cargo xtask convert {} {}",
@@ -349,8 +351,8 @@ fn model_card(
         )
     });
     let arch = match family {
-        Family::BitNet => "BitNetForCausalLM (`model_type: bitnet`)",
-        Family::Llama => "LlamaForCausalLM (`model_type: llama`) with BitNet quantization",
+        Family::BitNet => "BitNetForCausalLM, `model_type: bitnet`",
+        Family::Llama => "LlamaForCausalLM, `model_type: llama`, with BitNet quantization",
     };
     let sub_norm_note = if family == Family::Llama
         && src
@@ -367,9 +369,10 @@ fn model_card(
     format!(
         "---\nlibrary_name: transformers\ntags:\n- bitnet\n- bitnet-b1.58\n- ternary\n- 1.58-bit\n---\n\n\
 # Packed BitNet b1.58 checkpoint\n\n\
-This is a **packed offline BitNet checkpoint** converted from `{source}`: {linears} ternary linear \
+This is a **packed offline BitNet checkpoint** converted from {source}: {linears} ternary linear \
 layers stored 2 bits per weight, {:.1} MB of tensors.\n\n\
-- Source: `{source}` ({arch})\n\
+- Source: {source}\n\
+- Architecture: {arch}\n\
 - Converted: {date} with `{command}` (bitnet-convert {version})\n\
 - Format: every decoder-layer linear (`q/k/v/o_proj`, `gate/up/down_proj`) is a U8 tensor \
 `[out/4, in]` holding four ternary values per byte (bits `2k..2k+1` of row `r` hold row \
