@@ -12,6 +12,7 @@ use crate::source::{ModelDir, SourceArgs};
 
 /// How to run the model.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Runtime")]
 pub struct RuntimeArgs {
     /// Device: cpu, or cuda (GPU 0; needs a build with CUDA support).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]

@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 /// How each next token is chosen (transformers' order: repetition penalty, temperature,
 /// top-k, top-p, min-p).
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Sampling")]
 pub struct SamplingArgs {
     /// Softmax temperature: lower is more deterministic, 0 is greedy (always the most likely
     /// token, ignoring the other sampling flags).

@@ -10,6 +10,7 @@ use hf_hub::{Cache, Repo, RepoType};
 
 /// Where the model comes from.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Model")]
 pub struct SourceArgs {
     /// Model to use: a directory with config.json, tokenizer.json and model.safetensors (or
     /// model.safetensors.index.json + shards), or a Hugging Face hub id such as
@@ -219,12 +220,24 @@ fn download(id: &str, revision: &str) -> Result<ModelDir> {
         RepoType::Model,
         revision.to_string(),
     ));
-    let info = repo.info().with_context(|| {
-        format!(
-            "cannot list {id}@{revision} on the Hugging Face hub (no network, a typo, or a \
-             gated repo needing `huggingface-cli login`?); with --offline the local cache is used"
-        )
-    })?;
+    let info = match repo.info() {
+        Ok(info) => info,
+        Err(e) => {
+            // Unreachable hub (or no such repo): a complete cached snapshot still works.
+            if let Ok(cached) = from_cache(id, revision) {
+                eprintln!(
+                    "warning: cannot reach the Hugging Face hub ({e}); using the cached snapshot \
+                     {}",
+                    cached.dir.display()
+                );
+                return Ok(cached);
+            }
+            bail!(
+                "cannot list {id}@{revision} on the Hugging Face hub (no network, a typo, or a \
+                 gated repo needing `huggingface-cli login`?) and it is not in the local cache: {e}"
+            );
+        }
+    };
     let listed: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     for f in REQUIRED {
         if !listed.contains(f) {

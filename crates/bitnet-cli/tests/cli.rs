@@ -370,11 +370,19 @@ fn convert_packs_and_checks() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("packed");
     let src = fixture("bitnet-bf16");
-    ok(run(&[
+    let o = ok(run(&[
         "convert",
         src.to_str().unwrap(),
         out.to_str().unwrap(),
+        "--shard-size",
+        "60KB",
     ]));
+    assert!(
+        stderr(&o).contains("loads in bitnet-model"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(out.join("model.safetensors.index.json").is_file());
     ok(run(&[
         "convert",
         src.to_str().unwrap(),
@@ -385,6 +393,49 @@ fn convert_packs_and_checks() {
     fails_with(
         run(&["convert", src.to_str().unwrap(), out.to_str().unwrap()]),
         &[],
+    );
+
+    // Packing the bf16 master weights gives the packed fixture: same greedy ids. Served by
+    // the hub stand-in, this also covers downloading an index and its shards.
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        files
+            .iter()
+            .filter(|(n, _)| n.ends_with(".safetensors"))
+            .count()
+            > 1
+    );
+    let (endpoint, _) = fake_hub("someone/sharded", files);
+    let r = reference();
+    let o = bitnet(&[
+        "generate",
+        "--model",
+        "someone/sharded",
+        "--prompt",
+        r["greedy_prompt"].as_str().unwrap(),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--json",
+    ])
+    .env("HF_HOME", dir.path().join("hf"))
+    .env("HF_ENDPOINT", endpoint)
+    .output()
+    .unwrap();
+    let out: Value = serde_json::from_str(&stdout(&ok(o))).unwrap();
+    assert_eq!(
+        ids(&out["tokens"]),
+        ids(&r["dtypes"]["f32"]["greedy"]["ids"])
     );
 }
 
@@ -524,5 +575,217 @@ fn missing_default_model_says_how_to_choose_one() {
     fails_with(
         run(&["generate", "--prompt", "hi"]),
         &["bitnet-kjv-tiny", "--model"],
+    );
+}
+
+#[test]
+fn offline_hub_ids_resolve_from_the_local_cache() {
+    // The layout huggingface_hub and hf-hub write: refs/<rev> holds the commit of snapshots/<commit>/.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--someone--bitnet-tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let model = packed();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(model.join(f), snapshot.join(f)).unwrap();
+    }
+    let r = reference();
+    for revision in ["main", commit] {
+        let o = bitnet(&[
+            "generate",
+            "--model",
+            "someone/bitnet-tiny",
+            "--revision",
+            revision,
+            "--offline",
+            "--prompt",
+            r["greedy_prompt"].as_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+        ])
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+        let out: Value = serde_json::from_str(&stdout(&ok(o))).unwrap();
+        assert_eq!(
+            ids(&out["tokens"]),
+            ids(&r["dtypes"]["f32"]["greedy"]["ids"])
+        );
+    }
+    // Online but the hub is unreachable: the complete cached snapshot is used, with a warning.
+    let o = bitnet(&["inspect", "-m", "someone/bitnet-tiny"])
+        .env("HF_HOME", home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(stderr(&ok(o)).contains("using the cached snapshot"));
+    // An unknown branch, and a snapshot missing its weights, are named.
+    let o = bitnet(&["inspect", "-m", "someone/bitnet-tiny", "--revision", "dev"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    fails_with(
+        o,
+        &[
+            "someone/bitnet-tiny@dev",
+            "not in the local Hugging Face cache",
+        ],
+    );
+    std::fs::remove_file(snapshot.join("model.safetensors")).unwrap();
+    let o = bitnet(&["inspect", "-m", "someone/bitnet-tiny", "--offline"])
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    fails_with(o, &["model.safetensors"]);
+}
+
+/// A minimal stand-in for the Hugging Face hub's HTTP API (what hf-hub's sync client calls):
+/// `GET /api/models/<id>/revision/<rev>` lists the files, `GET /<id>/resolve/<rev>/<file>` with
+/// a `Range` header serves them with the `ETag` / `X-Repo-Commit` / `Content-Range` headers.
+/// Returns the endpoint URL and a log of the requested paths.
+fn fake_hub(
+    id: &'static str,
+    files: Vec<(String, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        let commit = "fedcba9876543210fedcba9876543210fedcba98";
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let mut range = None;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range = Some(v.trim().to_string());
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            seen.lock().unwrap().push(path.clone());
+            let (status, headers, body) = if path == format!("/api/models/{id}/revision/main") {
+                let siblings: Vec<Value> = files
+                    .iter()
+                    .map(|(n, _)| serde_json::json!({ "rfilename": n }))
+                    .collect();
+                let body = serde_json::json!({ "siblings": siblings, "sha": commit }).to_string();
+                ("200 OK", String::new(), body.into_bytes())
+            } else if let Some((name, data)) = files
+                .iter()
+                .find(|(n, _)| path == format!("/{id}/resolve/main/{n}"))
+            {
+                let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+                    Some((a, b)) => (
+                        a.parse::<usize>().unwrap(),
+                        b.parse::<usize>().unwrap_or(data.len() - 1),
+                    ),
+                    None => (0, data.len() - 1),
+                };
+                let etag: u64 = data.iter().fold(1469598103934665603u64, |h, &b| {
+                    (h ^ b as u64).wrapping_mul(1099511628211)
+                });
+                let headers = format!(
+                    "ETag: \"{etag:016x}{}\"\r\nX-Repo-Commit: {commit}\r\nContent-Range: bytes {start}-{end}/{}\r\n",
+                    name.len(),
+                    data.len()
+                );
+                ("206 Partial Content", headers, data[start..=end].to_vec())
+            } else {
+                ("404 Not Found", String::new(), b"not found".to_vec())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, log)
+}
+
+#[test]
+fn hub_ids_download_into_the_cache_then_work_offline() {
+    let model = packed();
+    let mut files: Vec<(String, Vec<u8>)> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "reference.json",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read(model.join(f)).unwrap()))
+    .collect();
+    files.push(("README.md".into(), b"# a model card\n".to_vec()));
+    let (endpoint, log) = fake_hub("someone/tiny", files);
+    let home = tempfile::tempdir().unwrap();
+    let r = reference();
+    let generate = |offline: bool| {
+        let mut cmd = bitnet(&[
+            "generate",
+            "--model",
+            "someone/tiny",
+            "--prompt",
+            r["greedy_prompt"].as_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+        ]);
+        cmd.env("HF_HOME", home.path())
+            .env("HF_ENDPOINT", &endpoint);
+        if offline {
+            cmd.arg("--offline");
+        }
+        let out: Value = serde_json::from_str(&stdout(&ok(cmd.output().unwrap()))).unwrap();
+        ids(&out["tokens"])
+    };
+    let expected = ids(&r["dtypes"]["f32"]["greedy"]["ids"]);
+    assert_eq!(generate(false), expected);
+    let requested = log.lock().unwrap().clone();
+    assert!(
+        requested.iter().any(|p| p.ends_with("/model.safetensors")),
+        "{requested:?}"
+    );
+    // Only what the model needs is fetched.
+    assert!(!requested
+        .iter()
+        .any(|p| p.ends_with("reference.json") || p.ends_with("README.md")));
+    let snapshot = home
+        .path()
+        .join("hub/models--someone--tiny/snapshots/fedcba9876543210fedcba9876543210fedcba98");
+    assert!(snapshot.join("model.safetensors").is_file());
+    // Now from the cache alone.
+    let before = log.lock().unwrap().len();
+    assert_eq!(generate(true), expected);
+    assert_eq!(
+        log.lock().unwrap().len(),
+        before,
+        "offline must not touch the network"
     );
 }
