@@ -19,6 +19,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generation;
+mod head;
 pub mod inspect;
 pub mod model;
 pub mod perplexity;

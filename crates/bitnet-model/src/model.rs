@@ -24,8 +24,8 @@
 //!   dtype;
 //! - attention scores, softmax and the weighted sum are computed in f32 (transformers does the
 //!   softmax in f32; for bf16 models doing the two matmuls in f32 too only removes rounding);
-//! - the LM head is a float matmul computed in f32 (a bf16 checkpoint's head values are exact in
-//!   f32), returning f32 logits.
+//! - the LM head is a float matmul computed in f32, returning f32 logits; its weight stays in
+//!   BF16 when that is lossless (a BF16 checkpoint) and decoding uses a BF16×f32 GEMV for it.
 //!
 //! The model runs in f32 or bf16. f16 is refused: ReLU² of BitNet activations overflows it.
 
@@ -38,6 +38,7 @@ use crate::bitlinear::{self, BitLinear, Stored};
 use crate::cache::{Cache, LayerCache};
 use crate::config::{config_path, Config, Family, QuantizationMode};
 use crate::error::{Error, Result};
+use crate::head::LmHead;
 use crate::weights::Weights;
 
 /// Default number of prompt tokens processed per forward step (see
@@ -62,6 +63,18 @@ impl Loader<'_> {
             .to_tensor(shape, dtype, self.device)?;
         self.used.insert(name.to_string());
         Ok(t)
+    }
+
+    /// A large float matrix (embedding, LM head) kept in BF16 when that loses nothing (BF16 on
+    /// disk) or when the model runs in BF16 anyway, else in F32.
+    fn compact(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let on_disk = self.weights.get(name)?.dtype;
+        let dtype = if self.dtype == DType::BF16 || on_disk == safetensors::Dtype::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        self.float(name, shape, dtype)
     }
 
     fn norm(&mut self, name: &str, size: usize) -> Result<RmsNorm> {
@@ -348,7 +361,8 @@ impl DecoderLayer {
 /// The decoder stack: embedding, layers, final norm (everything but the LM head).
 #[derive(Clone, Debug)]
 pub struct Model {
-    /// Token embedding `[vocab, hidden]`; f32 when it doubles as the (tied) head.
+    /// Token embedding `[vocab, hidden]` (BF16 or F32, see `Loader::compact`); rows are cast
+    /// to the model dtype after lookup.
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -438,8 +452,8 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> candle_core::Result<
 #[derive(Clone, Debug)]
 pub struct ForCausalLM {
     model: Model,
-    /// LM head `[vocab, hidden]` in f32 (the embedding itself when tied).
-    lm_head: Tensor,
+    /// LM head (the embedding itself when tied), computed in f32.
+    lm_head: LmHead,
     cache: Cache,
     config: Config,
     warnings: Vec<String>,
@@ -490,10 +504,10 @@ impl ForCausalLM {
         let (vocab, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
         let (embed_tokens, lm_head) = if config.tie_word_embeddings {
-            let e = l.float(embed_name, &[vocab, h], DType::F32)?;
+            let e = l.compact(embed_name, &[vocab, h])?;
             (e.clone(), e)
         } else {
-            let e = l.float(embed_name, &[vocab, h], dtype)?;
+            let e = l.compact(embed_name, &[vocab, h])?;
             if !weights.contains("lm_head.weight") {
                 return Err(Error::MissingTensor {
                     name: "lm_head.weight".into(),
@@ -507,7 +521,7 @@ impl ForCausalLM {
                         .into(),
                 });
             }
-            (e, l.float("lm_head.weight", &[vocab, h], DType::F32)?)
+            (e, l.compact("lm_head.weight", &[vocab, h])?)
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&mut l, i))
@@ -544,7 +558,7 @@ impl ForCausalLM {
         };
         Ok(Self {
             model,
-            lm_head,
+            lm_head: LmHead::new(lm_head),
             cache: Cache::new(config.num_hidden_layers),
             config,
             warnings,
@@ -643,10 +657,8 @@ impl ForCausalLM {
     /// `[b, t, hidden]` → f32 logits `[b, t, vocab]`.
     fn head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
-        hidden
-            .to_dtype(DType::F32)?
-            .reshape((b * t, h))?
-            .matmul(&self.lm_head.t()?)?
+        self.lm_head
+            .forward(&hidden.reshape((b * t, h))?)?
             .reshape((b, t, ()))
     }
 
@@ -688,7 +700,7 @@ impl ForCausalLM {
 
     /// The device holding the weights (input ids must live there too).
     pub fn device(&self) -> &Device {
-        self.lm_head.device()
+        self.model.embed_tokens.device()
     }
 
     /// Tokens per prefill step.
