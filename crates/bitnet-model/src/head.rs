@@ -1,51 +1,116 @@
-//! [`LmHead`]: the float output projection `hidden → vocab` logits, in f32.
+//! The float tables at both ends of the model: the token [`Embedding`] and the [`LmHead`].
 //!
-//! The head is the largest tensor of a small BitNet (2B-4T: 128256 × 2560, the tied embedding)
-//! and during decoding it is read once per token, so its storage decides the decode speed.
-//! A BF16 checkpoint's head is kept in BF16 (half the bytes of f32, and exact: f32 holds every
-//! bf16 value) and multiplied by a small BF16×f32 GEMV with f32 accumulation; candle's own BF16
-//! matmul would widen the whole matrix to f32 on every call. Many rows at once (perplexity,
-//! `forward_all`) go through candle's f32 matmul a block of vocabulary rows at a time.
+//! In a small BitNet they are the largest tensors (2B-4T: one tied 128256 × 2560 table, 657 MB
+//! in BF16), and during decoding the head is read in full for every token, so their storage
+//! decides memory and decode speed. A table that is BF16 on disk (or whose model runs in BF16)
+//! is kept as a kernel-crate [`Bf16Matrix`]: half the bytes of f32, and exact, since f32 holds
+//! every bf16 value. The head then runs through [`Bf16LinearOp`] (BF16 × f32 with f32
+//! accumulation, what transformers computes in f32 mode after upcasting the checkpoint);
+//! candle's own BF16 matmul would widen the whole matrix to f32 on every call. Many rows at
+//! once (`forward_all`, perplexity) go through candle's f32 matmul instead, a block of
+//! vocabulary rows at a time. A tied head shares the embedding's matrix.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+use bitnet_kernels::{Bf16LinearOp, Bf16Matrix};
+use candle_core::{DType, Device, Tensor};
 use half::bf16;
-use rayon::prelude::*;
 
-/// Rows (tokens) up to which the GEMV path is used; beyond, a blocked f32 matmul is faster.
+/// Token rows up to which the head uses the GEMV kernel; beyond, a blocked f32 matmul wins.
 const GEMV_MAX_ROWS: usize = 8;
 /// Vocabulary rows widened to f32 at a time on the matmul path (`BLOCK × hidden × 4` bytes).
 const MATMUL_BLOCK: usize = 8192;
-/// Vocabulary rows per parallel task of the GEMV.
-const GEMV_TASK_ROWS: usize = 64;
 
-/// The LM head weight `[vocab, hidden]`, BF16 or F32.
+/// A `[rows, cols]` float table.
+#[derive(Clone, Debug)]
+pub(crate) enum Table {
+    /// BF16 values on the CPU, in the kernel crate's layout.
+    Bf16(Arc<Bf16Matrix>),
+    /// An f32 tensor on the model's device.
+    F32(Tensor),
+}
+
+/// Token embedding: rows of a [`Table`], cast to the model dtype.
+#[derive(Clone, Debug)]
+pub(crate) struct Embedding {
+    table: Table,
+    dtype: DType,
+    device: Device,
+}
+
+impl Embedding {
+    pub(crate) fn new(table: Table, dtype: DType, device: &Device) -> Self {
+        Self {
+            table,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Rows for `ids` (u32, any shape, already checked to be `< rows`) as `[n, cols]`.
+    pub(crate) fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let ids = ids.flatten_all()?;
+        match &self.table {
+            Table::F32(t) => t.index_select(&ids, 0)?.to_dtype(self.dtype),
+            Table::Bf16(m) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut rows: Vec<bf16> = Vec::with_capacity(ids.len() * m.cols());
+                for &id in &ids {
+                    let Some(row) = m.row(id as usize) else {
+                        candle_core::bail!("token id {id} is out of range for {} rows", m.rows());
+                    };
+                    rows.extend_from_slice(row);
+                }
+                Tensor::from_vec(rows, (ids.len(), m.cols()), &Device::Cpu)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)
+            }
+        }
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// The LM head `x · Wᵀ` over a `[vocab, hidden]` [`Table`], always producing f32 logits.
 #[derive(Clone, Debug)]
 pub(crate) struct LmHead {
-    weight: Tensor,
+    table: Table,
+    op: Option<Bf16LinearOp>,
 }
 
 impl LmHead {
-    pub(crate) fn new(weight: Tensor) -> Self {
-        Self { weight }
+    pub(crate) fn new(table: Table) -> Self {
+        let op = match &table {
+            Table::Bf16(m) => Some(Bf16LinearOp::new(m.clone())),
+            Table::F32(_) => None,
+        };
+        Self { table, op }
     }
 
     /// `x` `[m, hidden]` (any float dtype) → logits `[m, vocab]` in f32.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let m = x.dim(0)?;
-        match self.weight.dtype() {
-            DType::F32 => x.matmul(&self.weight.t()?),
-            DType::BF16 if self.weight.device().is_cpu() && m <= GEMV_MAX_ROWS => {
-                x.apply_op2_no_bwd(&self.weight, &Bf16Gemv)
+        match (&self.table, &self.op) {
+            (Table::F32(w), _) => x.matmul(&w.t()?),
+            (Table::Bf16(_), Some(op)) if m <= GEMV_MAX_ROWS || !x.device().is_cpu() => {
+                op.forward(&x)
             }
-            _ => {
-                let vocab = self.weight.dim(0)?;
-                let mut blocks = Vec::with_capacity(vocab.div_ceil(MATMUL_BLOCK));
-                for start in (0..vocab).step_by(MATMUL_BLOCK) {
-                    let n = MATMUL_BLOCK.min(vocab - start);
-                    let w = self.weight.narrow(0, start, n)?.to_dtype(DType::F32)?;
-                    blocks.push(x.matmul(&w.t()?)?);
+            (Table::Bf16(w), _) => {
+                let (rows, cols) = (w.rows(), w.cols());
+                let mut blocks = Vec::with_capacity(rows.div_ceil(MATMUL_BLOCK));
+                for start in (0..rows).step_by(MATMUL_BLOCK) {
+                    let n = MATMUL_BLOCK.min(rows - start);
+                    let mut block = Vec::with_capacity(n * cols);
+                    for r in start..start + n {
+                        if let Some(row) = w.row(r) {
+                            block.extend(row.iter().map(|v| v.to_f32()));
+                        }
+                    }
+                    let block = Tensor::from_vec(block, (n, cols), x.device())?;
+                    blocks.push(x.matmul(&block.t()?)?);
                 }
                 Tensor::cat(&blocks, 1)
             }
@@ -53,134 +118,27 @@ impl LmHead {
     }
 }
 
-/// `y[i, r] = Σ_k x[i, k] · w[r, k]` for f32 `x` `[m, k]` and BF16 `w` `[n, k]`, f32 out.
-struct Bf16Gemv;
-
-impl CustomOp2 for Bf16Gemv {
-    fn name(&self) -> &'static str {
-        "bf16-gemv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::BF16(w)) = (xs, ws) else {
-            candle_core::bail!(
-                "bf16-gemv: expected f32 x bf16, got {:?} x {:?}",
-                xs.dtype(),
-                ws.dtype()
-            );
-        };
-        let ((x0, x1), (w0, w1)) = match (xl.contiguous_offsets(), wl.contiguous_offsets()) {
-            (Some(a), Some(b)) => (a, b),
-            _ => candle_core::bail!("bf16-gemv: inputs must be contiguous"),
-        };
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("bf16-gemv: x has {k} features, the head {k2}");
-        }
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
-        // Computed row-major over the vocabulary ([n, m]) so each weight row is read once,
-        // then transposed to [m, n] (m is tiny).
-        let mut yt = vec![0f32; n * m];
-        if k > 0 && m > 0 {
-            let avx2 = has_avx2_fma();
-            yt.par_chunks_mut(GEMV_TASK_ROWS * m)
-                .zip(w.par_chunks(GEMV_TASK_ROWS * k))
-                .for_each(|(out, rows)| {
-                    for (o, row) in out.chunks_mut(m).zip(rows.chunks_exact(k)) {
-                        for (oi, xi) in o.iter_mut().zip(x.chunks_exact(k)) {
-                            *oi = dot(xi, row, avx2);
-                        }
-                    }
-                });
-        }
-        let y = if m == 1 {
-            yt
-        } else {
-            let mut y = vec![0f32; m * n];
-            for (r, row) in yt.chunks_exact(m).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    y[i * n + r] = v;
-                }
-            }
-            y
-        };
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn has_avx2_fma() -> bool {
-    false
-}
-
-fn dot(x: &[f32], w: &[bf16], avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: the CPU supports AVX2 and FMA (checked by the caller via has_avx2_fma).
-        return unsafe { dot_avx2(x, w) };
-    }
-    let _ = avx2;
-    dot_portable(x, w)
-}
-
-/// The same loop compiled with AVX2 + FMA enabled, so it vectorizes 8 lanes wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(x: &[f32], w: &[bf16]) -> f32 {
-    dot_portable(x, w)
-}
-
-/// Dot product with 32 independent partial sums (enough to hide add latency once vectorized).
-#[inline(always)]
-fn dot_portable(x: &[f32], w: &[bf16]) -> f32 {
-    const LANES: usize = 32;
-    let mut acc = [0f32; LANES];
-    let (xc, xt) = x.split_at(x.len() / LANES * LANES);
-    let (wc, wt) = w.split_at(xc.len());
-    for (xs, ws) in xc.chunks_exact(LANES).zip(wc.chunks_exact(LANES)) {
-        for j in 0..LANES {
-            // bf16 → f32 is exact: the bf16 bits are the top half of the f32.
-            acc[j] += xs[j] * f32::from_bits((ws[j].to_bits() as u32) << 16);
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (&a, &b) in xt.iter().zip(wt) {
-        sum += a * b.to_f32();
-    }
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
-    fn gemv_and_blocked_matmul_match_f32_matmul() {
+    fn bf16_head_paths_match_f32_matmul() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (1000, 77), &dev)
+        let (rows, cols) = (MATMUL_BLOCK + 1000, 77);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)
             .unwrap()
             .to_dtype(DType::BF16)
             .unwrap();
-        let exact = LmHead::new(w.to_dtype(DType::F32).unwrap());
-        let head = LmHead::new(w);
+        let exact = LmHead::new(Table::F32(w.to_dtype(DType::F32).unwrap()));
+        let data = w.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+        let matrix = Arc::new(Bf16Matrix::new(data, rows, cols).unwrap());
+        let head = LmHead::new(Table::Bf16(matrix.clone()));
         for m in [1, 3, GEMV_MAX_ROWS + 5] {
-            let x = Tensor::randn(0f32, 1.0, (m, 77), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
             let a = head.forward(&x).unwrap();
             let b = exact.forward(&x).unwrap();
-            assert_eq!(a.dims(), [m, 1000]);
+            assert_eq!(a.dims(), [m, rows]);
             let d: f32 = (a - b)
                 .unwrap()
                 .abs()
@@ -191,5 +149,22 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-4, "m = {m}: {d}");
         }
+        let emb = Embedding::new(Table::Bf16(matrix), DType::F32, &dev);
+        let ids = Tensor::new(&[3u32, 0, 3], &dev).unwrap();
+        let got = emb.forward(&ids).unwrap();
+        let want = w
+            .to_dtype(DType::F32)
+            .unwrap()
+            .index_select(&ids, 0)
+            .unwrap();
+        let d: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(d, 0.0);
     }
 }

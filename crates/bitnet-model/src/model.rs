@@ -31,6 +31,10 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
+
+use bitnet_kernels::Bf16Matrix;
+use half::bf16;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -38,7 +42,7 @@ use crate::bitlinear::{self, BitLinear, Stored};
 use crate::cache::{Cache, LayerCache};
 use crate::config::{config_path, Config, Family, QuantizationMode};
 use crate::error::{Error, Result};
-use crate::head::LmHead;
+use crate::head::{Embedding, LmHead, Table};
 use crate::weights::Weights;
 
 /// Default number of prompt tokens processed per forward step (see
@@ -65,16 +69,30 @@ impl Loader<'_> {
         Ok(t)
     }
 
-    /// A large float matrix (embedding, LM head) kept in BF16 when that loses nothing (BF16 on
-    /// disk) or when the model runs in BF16 anyway, else in F32.
-    fn compact(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let on_disk = self.weights.get(name)?.dtype;
-        let dtype = if self.dtype == DType::BF16 || on_disk == safetensors::Dtype::BF16 {
-            DType::BF16
+    /// A large float matrix (embedding, LM head): BF16 when that loses nothing (BF16 on disk)
+    /// or when the model runs in BF16 anyway (transformers rounds it too), else F32.
+    fn table(&mut self, name: &str, shape: &[usize]) -> Result<Table> {
+        let t = self.weights.get(name)?;
+        let table = if self.dtype == DType::BF16 || t.dtype == safetensors::Dtype::BF16 {
+            let values: Vec<bf16> = if t.dtype == safetensors::Dtype::BF16 && t.shape == shape {
+                t.data
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                    .collect()
+            } else {
+                t.to_f32_vec(shape)?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            };
+            let m =
+                Bf16Matrix::new(values, shape[0], shape[1]).map_err(|e| t.bad(e.to_string()))?;
+            Table::Bf16(Arc::new(m))
         } else {
-            DType::F32
+            Table::F32(t.to_tensor(shape, DType::F32, self.device)?)
         };
-        self.float(name, shape, dtype)
+        self.used.insert(name.to_string());
+        Ok(table)
     }
 
     fn norm(&mut self, name: &str, size: usize) -> Result<RmsNorm> {
@@ -361,9 +379,9 @@ impl DecoderLayer {
 /// The decoder stack: embedding, layers, final norm (everything but the LM head).
 #[derive(Clone, Debug)]
 pub struct Model {
-    /// Token embedding `[vocab, hidden]` (BF16 or F32, see `Loader::compact`); rows are cast
-    /// to the model dtype after lookup.
-    embed_tokens: Tensor,
+    /// Token embedding `[vocab, hidden]` (BF16 or F32, see `Loader::table`); rows are cast to
+    /// the model dtype after lookup.
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     rotary: RotaryEmbedding,
@@ -381,11 +399,7 @@ impl Model {
         max_context: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?
-            .to_dtype(self.dtype)?;
+        let mut x = self.embed_tokens.forward(ids)?.reshape((b, t, ()))?;
         let mask = causal_mask(t, offset, ids.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(lc) = cache.layer(i) else {
@@ -504,10 +518,10 @@ impl ForCausalLM {
         let (vocab, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
         let (embed_tokens, lm_head) = if config.tie_word_embeddings {
-            let e = l.compact(embed_name, &[vocab, h])?;
+            let e = l.table(embed_name, &[vocab, h])?;
             (e.clone(), e)
         } else {
-            let e = l.compact(embed_name, &[vocab, h])?;
+            let e = l.table(embed_name, &[vocab, h])?;
             if !weights.contains("lm_head.weight") {
                 return Err(Error::MissingTensor {
                     name: "lm_head.weight".into(),
@@ -521,7 +535,7 @@ impl ForCausalLM {
                         .into(),
                 });
             }
-            (e, l.compact("lm_head.weight", &[vocab, h])?)
+            (e, l.table("lm_head.weight", &[vocab, h])?)
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&mut l, i))
@@ -550,7 +564,7 @@ impl ForCausalLM {
             ));
         }
         let model = Model {
-            embed_tokens,
+            embed_tokens: Embedding::new(embed_tokens, dtype, device),
             layers,
             norm,
             rotary: RotaryEmbedding::new(&config, dtype, device)?,
