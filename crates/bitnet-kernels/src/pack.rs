@@ -6,6 +6,7 @@
 //! This is the layout of transformers' `integrations/bitnet.py` and of microsoft/bitnet-b1.58-2B-4T.
 
 use crate::error::{KernelError, Result};
+use crate::quant::round_ties_even_small;
 
 /// Packs a row-major ternary `[out, in]` matrix (values −1/0/+1) into HF layout `[out/4, in]`.
 pub fn pack_ternary(ternary: &[i8], out: usize, inp: usize) -> Result<Vec<u8>> {
@@ -69,7 +70,8 @@ pub fn quantize_absmean(weights: &[f32]) -> (Vec<i8>, f32) {
     let s = 1.0f32 / mean.max(1e-5);
     let ternary = weights
         .iter()
-        .map(|&w| (w * s).round_ties_even().clamp(-1.0, 1.0) as i8)
+        // Clamping to ±2 first changes no result and keeps the fast rounding in range.
+        .map(|&w| round_ties_even_small((w * s).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) as i8)
         .collect();
     (ternary, 1.0 / s)
 }

@@ -13,9 +13,21 @@ pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let s = 127.0 / absmax.max(1e-5);
     for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *qi = round_ties_even_small((xi * s).clamp(-128.0, 127.0)) as i8;
     }
     s
+}
+
+/// Rounds half to even for `|v| ≤ 2²²`, with two additions.
+///
+/// `f32::round_ties_even` lowers to a libm `rintf` call on baseline x86-64 (no SSE4.1), which
+/// made quantization a visible part of decoding and conversion. Adding and subtracting 1.5·2²³
+/// pushes the fraction bits out of the mantissa, and IEEE addition rounds ties to even; the
+/// compiler may not fold it away because float addition is not associative.
+#[inline(always)]
+pub(crate) fn round_ties_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (v + MAGIC) - MAGIC
 }
 
 #[cfg(test)]
@@ -30,6 +42,18 @@ mod tests {
         let s = quantize_row(&x, &mut q);
         assert_eq!(s, 1.0);
         assert_eq!(q, [127, 0, 2, 2, 0, -2, -127, 3]);
+    }
+
+    #[test]
+    fn fast_rounding_equals_ties_even() {
+        let mut v = -130.0f32;
+        while v <= 130.0 {
+            assert_eq!(round_ties_even_small(v), v.round_ties_even(), "{v}");
+            v += 0.125;
+        }
+        for v in [0.49999997f32, -0.49999997, 2.5000002, 126.5, -127.5, 1e-30] {
+            assert_eq!(round_ties_even_small(v), v.round_ties_even(), "{v}");
+        }
     }
 
     #[test]
