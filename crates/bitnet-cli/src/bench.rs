@@ -3,6 +3,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::fmt::Write as _;
+
 use anyhow::{bail, Context, Result};
 use bitnet_model::{ForCausalLM, Weights};
 use candle_core::Tensor;
@@ -93,11 +95,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         rows.push((format!("tg{}", args.gen), rates));
     }
 
-    println!("| model | size | params | backend | threads | test | t/s |");
-    println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+    let mut out = String::new();
+    writeln!(
+        out,
+        "| model | size | params | backend | threads | test | t/s |"
+    )?;
+    writeln!(out, "| --- | ---: | ---: | --- | ---: | ---: | ---: |")?;
     for (test, rates) in rows {
         let (median, spread) = median_spread(rates);
-        println!(
+        writeln!(
+            out,
             "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} |",
             source.name,
             util::human_bytes(disk_bytes),
@@ -107,14 +114,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             test,
             median,
             spread
-        );
+        )?;
     }
-    println!();
-    println!("model load time: {load_s:.3} s");
-    println!(
+    writeln!(out)?;
+    writeln!(out, "model load time: {load_s:.3} s")?;
+    writeln!(
+        out,
         "peak RSS (VmHWM): {}",
         peak_rss().map_or("unknown (no /proc/self/status)".into(), util::human_bytes)
-    );
+    )?;
+    util::emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -49,7 +49,7 @@ fn loads(dir: &Path) -> std::result::Result<(), String> {
 pub fn run(args: Args) -> Result<ExitCode> {
     if args.check {
         let report = check(&args.output, &args.input, &mut progress::stderr())?;
-        print!("{}", report.table());
+        crate::util::emit(&report.table())?;
         if !report.ok() {
             bail!(
                 "{} does not match {}: {} tensor(s) differ (see the table)",

@@ -2,10 +2,13 @@
 
 use std::process::ExitCode;
 
+use std::fmt::Write as _;
+
 use anyhow::{Context, Result};
 
 use crate::runtime;
 use crate::source::SourceArgs;
+use crate::util;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -17,22 +20,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let source = args.source.resolve()?;
     let info = bitnet_model::inspect(&source.dir)
         .with_context(|| format!("inspecting {}", source.dir.display()))?;
-    print!("{info}");
+    let mut out = String::new();
+    write!(out, "{info}")?;
     match runtime::load_tokenizer(&source.dir) {
         Ok(tokenizer) => {
             let special = |name: &str| match tokenizer.token_to_id(name) {
                 Some(id) => format!("{name} = {id}"),
                 None => format!("{name} absent"),
             };
-            println!(
+            writeln!(
+                out,
                 "tokenizer:    {} tokens; {}, {}, {}",
                 tokenizer.get_vocab_size(true),
                 special("<|begin_of_text|>"),
                 special("<|end_of_text|>"),
                 special("<|eot_id|>")
-            );
+            )?;
         }
-        Err(e) => println!("tokenizer:    unusable: {e:#}"),
+        Err(e) => writeln!(out, "tokenizer:    unusable: {e:#}")?,
     }
     let has_template = std::fs::read_to_string(source.dir.join("tokenizer_config.json"))
         .ok()
@@ -43,7 +48,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         "none in tokenizer_config.json (the 2B-4T format is used)"
     };
-    println!("chat template: {template}");
-    println!("CPU kernel:   {}", runtime::isa());
+    writeln!(out, "chat template: {template}")?;
+    writeln!(out, "CPU kernel:   {}", runtime::isa())?;
+    util::emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }

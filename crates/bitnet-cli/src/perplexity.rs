@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use std::fmt::Write as _;
+
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
@@ -75,8 +77,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let ppl = mean.exp();
     let windows = ids.len().div_ceil(context);
     let tok_s = util::rate(nll.len(), seconds);
+    let mut out = String::new();
     if args.json {
-        let out = json!({
+        let json = json!({
             "file": args.file.display().to_string(),
             "tokens": ids.len(),
             "scored": nll.len(),
@@ -88,23 +91,26 @@ pub fn run(args: Args) -> Result<ExitCode> {
             "tok_s": util::json_f64(tok_s),
             "nll": nll,
         });
-        println!("{out}");
+        writeln!(out, "{json}")?;
     } else {
-        println!("file:       {}", args.file.display());
-        println!(
+        writeln!(out, "file:       {}", args.file.display())?;
+        writeln!(
+            out,
             "tokens:     {} ({} scored in {} window(s) of up to {} tokens)",
             ids.len(),
             nll.len(),
             windows,
             context
-        );
-        println!("mean NLL:   {mean:.6} nats/token");
-        println!("perplexity: {ppl:.4}");
-        println!(
+        )?;
+        writeln!(out, "mean NLL:   {mean:.6} nats/token")?;
+        writeln!(out, "perplexity: {ppl:.4}")?;
+        writeln!(
+            out,
             "time:       {:.3} s ({:.1} tok/s)",
             seconds,
             tok_s.unwrap_or(0.0)
-        );
+        )?;
     }
+    util::emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -67,3 +67,18 @@ pub fn human_count(n: u64) -> String {
         format!("{n}")
     }
 }
+
+/// Writes `text` to stdout. A closed pipe (`bitnet inspect | head`) is not an error.
+pub fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing to standard output")
+        }
+        _ => Ok(()),
+    }
+}
