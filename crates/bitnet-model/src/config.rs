@@ -269,7 +269,7 @@ impl Keys<'_> {
                 }
                 // 1bitLLM/bitnet_b1_58-* (remote code): Llama model_type, F16 latent weights,
                 // recognizable only by its architecture name.
-                None if self.is_1bitllm()? => (QuantizationMode::Online, ScaleConvention::Multiply),
+                None if self.is_1bitllm() => (QuantizationMode::Online, ScaleConvention::Multiply),
                 None => return Err(self.err(
                     "quantization_config",
                     "(missing)",
@@ -387,12 +387,14 @@ impl Keys<'_> {
         })
     }
 
-    /// True for the 1bitLLM remote-code checkpoints (`architectures: ["BitnetForCausalLM"]`).
-    fn is_1bitllm(&self) -> Result<bool> {
-        Ok(match self.get("architectures") {
+    /// True for the 1bitLLM remote-code checkpoints: `architectures: ["BitnetForCausalLM"]`
+    /// (their config also carries `weight_bits`, which no plain Llama has).
+    fn is_1bitllm(&self) -> bool {
+        let arch = match self.get("architectures") {
             Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some("BitnetForCausalLM")),
             _ => false,
-        })
+        };
+        arch || self.get("weight_bits").is_some()
     }
 
     /// Reads `quantization_config` (self is that object).
@@ -571,6 +573,19 @@ mod tests {
             o.remove("tie_word_embeddings");
         });
         assert!(!Config::from_json(&untied).unwrap().tie_word_embeddings);
+    }
+
+    #[test]
+    fn onebitllm_remote_code_config_is_online_llama() {
+        let c = edit(LLAMA_158, |o| {
+            o.remove("quantization_config");
+            o["architectures"] = serde_json::json!(["BitnetForCausalLM"]);
+        });
+        let c = Config::from_json(&c).unwrap();
+        assert_eq!(
+            (c.family, c.quantization_mode),
+            (Family::Llama, QuantizationMode::Online)
+        );
     }
 
     #[test]

@@ -581,7 +581,8 @@ impl ForCausalLM {
     }
 
     /// Logits of the **last** position, `[batch, vocab]` in f32, for `input_ids` (`[batch, seq]`,
-    /// u32) at positions `seqlen_offset..seqlen_offset + seq`.
+    /// u32) at positions `seqlen_offset..seqlen_offset + seq`. Rows of a batch are independent
+    /// sequences of equal length (there is no padding mask).
     ///
     /// The KV cache must hold exactly the first `seqlen_offset` positions of these sequences:
     /// pass 0 for a new prompt (the cache is reset), then the number of tokens processed so far.
