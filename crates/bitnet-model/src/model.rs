@@ -34,9 +34,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bitnet_kernels::Bf16Matrix;
-use half::bf16;
-
 use candle_core::{DType, Device, Module, Tensor, D};
+use half::bf16;
 
 use crate::bitlinear::{self, BitLinear, Stored};
 use crate::cache::{Cache, LayerCache};
@@ -57,6 +56,8 @@ struct Loader<'a> {
     device: &'a Device,
     used: HashSet<String>,
     warnings: Vec<String>,
+    /// Linears stored differently from what `quantization_mode` says (reported once, at the end).
+    off_mode: Vec<String>,
 }
 
 impl Loader<'_> {
@@ -120,17 +121,12 @@ impl Loader<'_> {
             self.dtype,
         )?;
         self.used.insert(name.to_string());
-        match (stored, self.config.quantization_mode) {
-            (Stored::Packed, QuantizationMode::Offline)
-            | (Stored::Float, QuantizationMode::Online) => {}
-            (Stored::Packed, QuantizationMode::Online) => self.warnings.push(format!(
-                "{name} is packed although config.json says quantization_mode \"online\"; \
-                 loaded it as packed with its weight_scale"
-            )),
-            (Stored::Float, QuantizationMode::Offline) => self.warnings.push(format!(
-                "{name} is a float tensor although config.json says quantization_mode \
-                 \"offline\"; quantized it at load (absmean)"
-            )),
+        let expected = match self.config.quantization_mode {
+            QuantizationMode::Offline => Stored::Packed,
+            QuantizationMode::Online => Stored::Float,
+        };
+        if stored != expected {
+            self.off_mode.push(name.to_string());
         }
         if stored == Stored::Packed {
             self.used.insert(format!("{name}_scale"));
@@ -514,6 +510,7 @@ impl ForCausalLM {
             device,
             used: HashSet::new(),
             warnings: Vec::new(),
+            off_mode: Vec::new(),
         };
         let (vocab, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
@@ -549,6 +546,21 @@ impl ForCausalLM {
             .collect();
         unused.sort_unstable();
         let mut warnings = l.warnings;
+        if let Some(first) = l.off_mode.first() {
+            let (found, did) = match config.quantization_mode {
+                QuantizationMode::Online => ("packed", "used their weight_scale"),
+                QuantizationMode::Offline => ("float", "quantized them at load (absmean)"),
+            };
+            warnings.push(format!(
+                "{} linear weight(s) are {found} although config.json says quantization_mode \
+                 {:?} (first: {first}); {did}",
+                l.off_mode.len(),
+                match config.quantization_mode {
+                    QuantizationMode::Online => "online",
+                    QuantizationMode::Offline => "offline",
+                }
+            ));
+        }
         if !unused.is_empty() {
             let shown: Vec<&str> = unused.iter().take(8).copied().collect();
             warnings.push(format!(

@@ -558,3 +558,31 @@ fn bad_requests_fail_cleanly() {
         HEAD_DIM
     );
 }
+
+#[test]
+fn storage_disagreeing_with_config_loads_with_one_warning() {
+    // Packed tensors under a config that says online: still loads (the tensor's dtype decides),
+    // same logits as the matching config, and one summary warning.
+    let dir = tempfile::tempdir().unwrap();
+    let t = tensors(Family::BitNet, Format::PackedMultiply, true, 42);
+    write_model(
+        dir.path(),
+        &config_json(Family::BitNet, Format::Online, true),
+        &t,
+    );
+    let mut m = load(dir.path(), DType::F32);
+    assert_eq!(m.warnings().len(), 1, "{:?}", m.warnings());
+    let w = &m.warnings()[0];
+    assert!(
+        w.starts_with(&format!("{} linear weight(s) are packed", 7 * LAYERS)),
+        "{w}"
+    );
+    let good = model_dir(Family::BitNet, Format::PackedMultiply, true);
+    let a = rows(&m.forward_all(&ids(&IDS), 0).unwrap());
+    let b = rows(
+        &load(good.path(), DType::F32)
+            .forward_all(&ids(&IDS), 0)
+            .unwrap(),
+    );
+    assert_eq!(max_diff(&a, &b), 0.0);
+}
