@@ -221,7 +221,12 @@ impl fmt::Display for ModelInfo {
             "lm_head.weight (untied)"
         };
         writeln!(f, "LM head:      {head}")?;
-        writeln!(f, "parameters:   {:.3} B", self.parameters as f64 / 1e9)?;
+        let p = self.parameters as f64;
+        if p >= 1e9 {
+            writeln!(f, "parameters:   {:.2} B", p / 1e9)?;
+        } else {
+            writeln!(f, "parameters:   {:.2} M", p / 1e6)?;
+        }
         let total: u64 = self.files.iter().map(|(_, n)| n).sum();
         let by: Vec<String> = self
             .bytes_by_dtype
