@@ -15,7 +15,7 @@ use candle_core::{DType, Result, Tensor};
 const MIN_CAPACITY: usize = 64;
 
 /// Keys and values of one layer.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct LayerCache {
     /// `(k, v)` buffers `[batch, kv_heads, capacity, head_dim]`, allocated on first use.
     buffers: Option<(Tensor, Tensor)>,
@@ -74,17 +74,25 @@ impl LayerCache {
 }
 
 /// The key/value cache of all layers of one sequence batch.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Cache {
     layers: Vec<LayerCache>,
     len: usize,
+}
+
+/// A clone starts **empty**: the buffers are written in place, so sharing them between two
+/// caches (what a derived `Clone` of candle tensors would do) would let one corrupt the other.
+impl Clone for Cache {
+    fn clone(&self) -> Self {
+        Self::new(self.layers.len())
+    }
 }
 
 impl Cache {
     /// An empty cache for `num_layers` layers (buffers are allocated on first use).
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![LayerCache::default(); num_layers],
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
             len: 0,
         }
     }

@@ -459,6 +459,9 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> candle_core::Result<
 /// let logits = model.forward(&Tensor::new(&[[next]], &dev)?, 3)?; // continues from the cache
 /// # Ok(()) }
 /// ```
+///
+/// Cloning is cheap (weights are shared) and gives a model with an **empty** KV cache, e.g. to
+/// serve several conversations from one loaded checkpoint.
 #[derive(Clone, Debug)]
 pub struct ForCausalLM {
     model: Model,

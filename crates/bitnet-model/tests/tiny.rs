@@ -586,3 +586,22 @@ fn storage_disagreeing_with_config_loads_with_one_warning() {
     );
     assert_eq!(max_diff(&a, &b), 0.0);
 }
+
+#[test]
+fn clones_have_independent_caches() {
+    let dir = model_dir(Family::BitNet, Format::PackedMultiply, true);
+    let mut a = load(dir.path(), DType::F32);
+    a.forward(&ids(&IDS[..6]), 0).unwrap();
+    let mut b = a.clone();
+    assert_eq!(b.cached_tokens(), 0);
+    b.forward(&ids(&IDS[6..]), 0).unwrap();
+    let after = a
+        .forward(&ids(&IDS[6..7]), 6)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let full = rows(&a.forward_all(&ids(&IDS[..7]), 0).unwrap());
+    assert!(max_diff(&full[6..7], &[after]) < 1e-4);
+}
