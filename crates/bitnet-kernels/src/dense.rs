@@ -102,12 +102,19 @@ impl Bf16Matrix {
 #[derive(Clone, Debug)]
 pub struct Bf16LinearOp {
     weight: Arc<Bf16Matrix>,
+    /// The weight's GPU copies, uploaded on first use (shared by clones of the op).
+    #[cfg(feature = "cuda")]
+    gpu: Arc<crate::cuda::DeviceCache<bf16>>,
 }
 
 impl Bf16LinearOp {
     /// The product with `weight`.
     pub fn new(weight: Arc<Bf16Matrix>) -> Self {
-        Self { weight }
+        Self {
+            weight,
+            #[cfg(feature = "cuda")]
+            gpu: Arc::default(),
+        }
     }
 
     /// Applies the product to `x` (`[..., cols]`); the result is f32.
@@ -166,5 +173,15 @@ impl CustomOp1 for Bf16LinearOp {
             y
         };
         Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = &self.weight;
+        crate::cuda::bf16_linear_fwd(&w.data, w.rows, w.cols, &self.gpu, storage, layout)
     }
 }

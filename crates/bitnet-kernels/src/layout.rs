@@ -159,6 +159,17 @@ impl TernaryWeight {
         self.blocks[index..].as_ptr().cast::<u8>()
     }
 
+    /// The whole layout as bytes (groups of four rows, each `blocks_per_row` blocks of
+    /// `[row0][row1][row2][row3]` 64-byte row blocks; module docs), for upload to a GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `Block` is `repr(C)` over `[u8; 64]` (size 64, no padding), so the vector's
+        // initialized memory is exactly `len * 64` bytes.
+        unsafe {
+            std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.storage_bytes())
+        }
+    }
+
     /// Bytes between consecutive blocks of one row.
     pub(crate) const fn block_stride() -> usize {
         BLOCK_BYTES * ROW_GROUP

@@ -10,7 +10,8 @@
 //! - [`TernaryWeight`]: the kernel layout, repacked once at load time;
 //! - [`cpu`]: scalar, AVX2, AVX-512 VNNI and NEON products, chosen at run time;
 //! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op);
-//! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16).
+//! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16);
+//! - `cuda` (feature `cuda`): both ops on CUDA tensors, with the kernels exposed for tests.
 
 mod dense;
 mod error;
@@ -18,6 +19,8 @@ mod layout;
 mod op;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod pack;
 pub mod quant;
 

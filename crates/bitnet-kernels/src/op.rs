@@ -27,13 +27,17 @@ pub enum ScaleConvention {
 /// the ternary weight, then rescaling — arXiv 2402.17764 §2, matching transformers' numerics.
 ///
 /// Input `[..., in]` in f32 or bf16 (never f16: BitNet activations overflow it); output
-/// `[..., out]` in the input dtype. Only `cpu_fwd` exists so far: the CUDA path plugs into the
-/// same op through `cuda_fwd`, so `Tensor::apply_op1` will pick the device transparently.
+/// `[..., out]` in the input dtype. With the `cuda` feature the op also runs on CUDA tensors
+/// (`cuda_fwd`, see `crate::cuda`), uploading the weight on first use, so `Tensor::apply_op1`
+/// picks the device transparently.
 #[derive(Clone, Debug)]
 pub struct BitLinearOp {
     weight: Arc<TernaryWeight>,
     scale: f32,
     convention: ScaleConvention,
+    /// The weight's GPU copies, uploaded on first use (shared by clones of the op).
+    #[cfg(feature = "cuda")]
+    gpu: Arc<crate::cuda::DeviceCache<u8>>,
 }
 
 impl BitLinearOp {
@@ -43,7 +47,14 @@ impl BitLinearOp {
             weight,
             scale,
             convention,
+            #[cfg(feature = "cuda")]
+            gpu: Arc::default(),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_weights(&self) -> &crate::cuda::DeviceCache<u8> {
+        &self.gpu
     }
 
     /// The ternary weight.
@@ -132,5 +143,14 @@ impl CustomOp1 for BitLinearOp {
             other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
         };
         Ok((y, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::bitlinear_fwd(self, storage, layout, crate::cuda::Kernel::Auto)
     }
 }

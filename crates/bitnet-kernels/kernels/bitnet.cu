@@ -1,0 +1,389 @@
+// BitNet b1.58 CUDA kernels: per-token int8 activation quantization, ternary x int8 products
+// (GEMV with dp4a, GEMM with dp4a or int8 tensor-core mma), and the BF16 x f32 LM head.
+//
+// Compiled to PTX by build.rs (nvcc -arch=sm_80 -ptx; the driver JITs it for the running GPU)
+// and loaded through candle's CudaDevice::get_or_load_custom_func (src/cuda/mod.rs).
+//
+// Numerics match the CPU path bit for bit (src/quant.rs, src/op.rs):
+//   s = 127 / max(max|x|, 1e-5), q = clamp(round_ties_even(x*s), -128, 127)  (NaN -> 0),
+//   acc = sum(code*q) - sum(q)   (code = w + 1 in {0,1,2}; exact in i32),
+//   y = float(acc) * f, f = scale / s (Multiply) or 1 / (s * scale) (Divide).
+// Every float step is a single IEEE-rounded operation (__fmul_rn/__fdiv_rn: no contraction into
+// FMA, no approximate division), as in Rust.
+//
+// Weight layout: the CPU kernel layout (src/layout.rs), uploaded as-is. Rows are padded to groups
+// of 4 and inputs to blocks of 256; group g is nb blocks of [row0 64B][row1 64B][row2 64B][row3 64B];
+// byte j of a row's block b holds the codes of inputs 256b + j + 64k in bits 2k..2k+1. So the 32-bit
+// word at bytes j..j+3, shifted right by 2k and masked with 0x03030303, holds the codes of the four
+// consecutive inputs 256b + 64k + j .. +3: exactly a dp4a operand against the activations there.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define MASK2 0x03030303u
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store_out(float* y, size_t i, float v) { y[i] = v; }
+__device__ __forceinline__ void store_out(__nv_bfloat16* y, size_t i, float v) {
+    y[i] = __float2bfloat16_rn(v);
+}
+
+// f such that y = float(acc) * f (see the header); token scale s.
+__device__ __forceinline__ float rescale(float s, float scale, int divide) {
+    return divide ? __fdiv_rn(1.0f, __fmul_rn(s, scale)) : __fdiv_rn(scale, s);
+}
+
+__device__ __forceinline__ float epilogue(int acc, float s, float scale, int divide) {
+    return __fmul_rn((float)acc, rescale(s, scale, divide));
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) Activation quantization: one block per token, any block size that is a multiple of 32.
+// q is [tokens, k_pad] int8 with zero padding; scales [tokens] f32; sums [tokens] i32 (sum of q).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void quantize_rows(const T* __restrict__ x, int8_t* __restrict__ q,
+                              float* __restrict__ scales, int* __restrict__ sums, int k, int k_pad) {
+    __shared__ float red_f[32];
+    __shared__ int red_i[32];
+    const int t = blockIdx.x;
+    const T* xr = x + (size_t)t * k;
+    int8_t* qr = q + (size_t)t * k_pad;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+
+    float m = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[i])));
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) red_f[warp] = m;
+    __syncthreads();
+    m = lane < warps ? red_f[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const float s = __fdiv_rn(127.0f, fmaxf(m, 1e-5f));
+
+    int sum = 0;
+    for (int i = threadIdx.x; i < k_pad; i += blockDim.x) {
+        int v = 0;
+        if (i < k) {
+            const float p = __fmul_rn(to_f32(xr[i]), s);
+            // rintf rounds half to even, like f32::round_ties_even; NaN becomes 0 as in Rust's `as`.
+            v = isnan(p) ? 0 : (int)fminf(fmaxf(rintf(p), -128.0f), 127.0f);
+        }
+        qr[i] = (int8_t)v;
+        sum += v;
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) red_i[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int w = 0; w < warps; ++w) total += red_i[w];
+        scales[t] = s;
+        sums[t] = total;
+    }
+}
+
+extern "C" __global__ void bitnet_quant_f32(const float* x, int8_t* q, float* s, int* sums, int k,
+                                            int k_pad) {
+    quantize_rows(x, q, s, sums, k, k_pad);
+}
+extern "C" __global__ void bitnet_quant_bf16(const __nv_bfloat16* x, int8_t* q, float* s,
+                                             int* sums, int k, int k_pad) {
+    quantize_rows(x, q, s, sums, k, k_pad);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) GEMV for NT <= 8 tokens: one warp per group of 4 rows. The group's nb*256 bytes are read as
+// 16-byte chunks, lane-strided: chunk c is block c/16, row (c/4)%4, bytes (c%4)*16.. of the row's
+// block. Since 32 is a multiple of 16, a lane always meets the same row and byte offset, so the
+// per-row reduction is a shuffle over lane bits 0, 1 and 4.
+// ---------------------------------------------------------------------------------------------
+template <int NT, typename OutT>
+__device__ void gemv_ternary(const uint8_t* __restrict__ w, const int8_t* __restrict__ q,
+                             const float* __restrict__ scales, const int* __restrict__ sums,
+                             OutT* __restrict__ y, int out, int nb, float scale, int divide) {
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    const int groups = (out + 3) >> 2;
+    if (group >= groups) return;
+    const size_t k_pad = (size_t)nb * 256;
+    const uint4* wg = reinterpret_cast<const uint4*>(w + (size_t)group * nb * 256);
+    const int chunks = nb * 16;
+    const int j0 = (lane & 3) * 16;
+    int acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] = 0;
+
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 wv = __ldg(wg + c);
+        const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
+        const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int4 a = *reinterpret_cast<const int4*>(qb + t * k_pad + 64 * k);
+                const int ar[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                for (int m = 0; m < 4; ++m)
+                    acc[t] = __dp4a((int)((wr[m] >> (2 * k)) & MASK2), ar[m], acc[t]);
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 1);
+        acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 2);
+        acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 16);
+    }
+    if ((lane & 0x13) == 0) {
+        const int o = group * 4 + (lane >> 2);
+        if (o < out) {
+#pragma unroll
+            for (int t = 0; t < NT; ++t)
+                store_out(y, (size_t)t * out + o, epilogue(acc[t] - sums[t], scales[t], scale, divide));
+        }
+    }
+}
+
+#define GEMV(NT, NAME, OUTT)                                                                      \
+    extern "C" __global__ void bitnet_gemv##NT##_##NAME(                                          \
+        const uint8_t* w, const int8_t* q, const float* s, const int* sums, OUTT* y, int out,     \
+        int nb, float scale, int divide) {                                                        \
+        gemv_ternary<NT, OUTT>(w, q, s, sums, y, out, nb, scale, divide);                         \
+    }
+#define GEMV_ALL(NAME, OUTT)                                                                      \
+    GEMV(1, NAME, OUTT) GEMV(2, NAME, OUTT) GEMV(3, NAME, OUTT) GEMV(4, NAME, OUTT)                \
+    GEMV(5, NAME, OUTT) GEMV(6, NAME, OUTT) GEMV(7, NAME, OUTT) GEMV(8, NAME, OUTT)
+GEMV_ALL(f32, float)
+GEMV_ALL(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// (c) GEMM for many tokens. Block tile: 64 rows (16 groups) x 64 tokens, K step 256 (one weight
+// block). Each step stages the weight codes expanded to one byte each (0/1/2) and the int8
+// activations in shared memory, rows padded to 272 bytes so that both the 16-byte dp4a reads and
+// the 4-byte mma fragment reads are free of bank conflicts.
+// ---------------------------------------------------------------------------------------------
+#define BM 64
+#define BN 64
+#define SROW 272  // 256 + 16 bytes
+
+// Stages K block b: weights of groups g0..g0+15 and activations of tokens t0..t0+63.
+__device__ __forceinline__ void stage_block(const uint8_t* __restrict__ w,
+                                            const int8_t* __restrict__ q, uint8_t* ws, int8_t* xs,
+                                            int g0, int groups, int t0, int tokens, int nb, int b) {
+    const size_t k_pad = (size_t)nb * 256;
+    // Weights: 16 groups x 256 bytes = 256 chunks of 16 bytes.
+    for (int c = threadIdx.x; c < 256; c += blockDim.x) {
+        const int gi = c >> 4, within = c & 15;
+        const int row = gi * 4 + (within >> 2), j0 = (within & 3) * 16;
+        uint4 wv = make_uint4(0x55555555u, 0x55555555u, 0x55555555u, 0x55555555u);
+        if (g0 + gi < groups)
+            wv = __ldg(reinterpret_cast<const uint4*>(w + ((size_t)(g0 + gi) * nb + b) * 256) + within);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            uint4 d;
+            d.x = (wv.x >> (2 * k)) & MASK2;
+            d.y = (wv.y >> (2 * k)) & MASK2;
+            d.z = (wv.z >> (2 * k)) & MASK2;
+            d.w = (wv.w >> (2 * k)) & MASK2;
+            *reinterpret_cast<uint4*>(ws + row * SROW + 64 * k + j0) = d;
+        }
+    }
+    // Activations: 64 tokens x 256 bytes = 1024 chunks of 16 bytes.
+    for (int c = threadIdx.x; c < 1024; c += blockDim.x) {
+        const int tok = c >> 4, off = (c & 15) * 16;
+        int4 v = make_int4(0, 0, 0, 0);
+        if (t0 + tok < tokens)
+            v = *reinterpret_cast<const int4*>(q + (size_t)(t0 + tok) * k_pad + (size_t)b * 256 + off);
+        *reinterpret_cast<int4*>(xs + tok * SROW + off) = v;
+    }
+}
+
+template <typename OutT>
+__device__ __forceinline__ void emit(OutT* y, int row, int tok, int out, int tokens, int acc,
+                                     const float* scales, const int* sums, float scale, int divide) {
+    if (row < out && tok < tokens)
+        store_out(y, (size_t)tok * out + row, epilogue(acc - sums[tok], scales[tok], scale, divide));
+}
+
+// dp4a GEMM: 256 threads, each 4 rows (ty + 16i) x 4 tokens (tx + 16j).
+template <typename OutT>
+__device__ void gemm_dp4a(const uint8_t* __restrict__ w, const int8_t* __restrict__ q,
+                          const float* __restrict__ scales, const int* __restrict__ sums,
+                          OutT* __restrict__ y, int out, int nb, int tokens, float scale,
+                          int divide) {
+    __shared__ __align__(16) uint8_t ws[BM * SROW];
+    __shared__ __align__(16) int8_t xs[BN * SROW];
+    const int groups = (out + 3) >> 2;
+    const int g0 = blockIdx.x * (BM / 4), t0 = blockIdx.y * BN;
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    int acc[4][4] = {};
+    for (int b = 0; b < nb; ++b) {
+        stage_block(w, q, ws, xs, g0, groups, t0, tokens, nb, b);
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < 256; kk += 16) {
+            int4 a[4], x[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = *reinterpret_cast<const int4*>(ws + (ty + 16 * i) * SROW + kk);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) x[j] = *reinterpret_cast<const int4*>(xs + (tx + 16 * j) * SROW + kk);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    acc[i][j] = __dp4a(a[i].x, x[j].x, acc[i][j]);
+                    acc[i][j] = __dp4a(a[i].y, x[j].y, acc[i][j]);
+                    acc[i][j] = __dp4a(a[i].z, x[j].z, acc[i][j]);
+                    acc[i][j] = __dp4a(a[i].w, x[j].w, acc[i][j]);
+                }
+        }
+        __syncthreads();
+    }
+    const int r0 = g0 * 4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            emit(y, r0 + ty + 16 * i, t0 + tx + 16 * j, out, tokens, acc[i][j], scales, sums, scale, divide);
+}
+
+// Tensor-core GEMM: 128 threads = 4 warps in a 2 x 2 arrangement, each 32 rows x 32 tokens, with
+// mma.sync m16n8k32 s8 x s8 -> s32 (sm_80+): 2 m-tiles x 4 n-tiles per 32-wide K step.
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename OutT>
+__device__ void gemm_mma(const uint8_t* __restrict__ w, const int8_t* __restrict__ q,
+                         const float* __restrict__ scales, const int* __restrict__ sums,
+                         OutT* __restrict__ y, int out, int nb, int tokens, float scale,
+                         int divide) {
+    __shared__ __align__(16) uint8_t ws[BM * SROW];
+    __shared__ __align__(16) int8_t xs[BN * SROW];
+    const int groups = (out + 3) >> 2;
+    const int g0 = blockIdx.x * (BM / 4), t0 = blockIdx.y * BN;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;  // warp's row / token offset in the tile
+    const int g = lane >> 2, tg = lane & 3;
+    int acc[2][4][4] = {};
+    for (int b = 0; b < nb; ++b) {
+        stage_block(w, q, ws, xs, g0, groups, t0, tokens, nb, b);
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 256; kk += 32) {
+            uint32_t a[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const uint8_t* base = ws + (wm + 16 * i + g) * SROW + kk + 4 * tg;
+                a[i][0] = *reinterpret_cast<const uint32_t*>(base);
+                a[i][1] = *reinterpret_cast<const uint32_t*>(base + 8 * SROW);
+                a[i][2] = *reinterpret_cast<const uint32_t*>(base + 16);
+                a[i][3] = *reinterpret_cast<const uint32_t*>(base + 8 * SROW + 16);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int8_t* base = xs + (wn + 8 * j + g) * SROW + kk + 4 * tg;
+                bf[j][0] = *reinterpret_cast<const uint32_t*>(base);
+                bf[j][1] = *reinterpret_cast<const uint32_t*>(base + 16);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_s8(acc[i][j], a[i], bf[j]);
+        }
+        __syncthreads();
+    }
+    const int r0 = g0 * 4 + wm, tb = t0 + wn;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int row = r0 + 16 * i + g, tok = tb + 8 * j + 2 * tg;
+            emit(y, row, tok, out, tokens, acc[i][j][0], scales, sums, scale, divide);
+            emit(y, row, tok + 1, out, tokens, acc[i][j][1], scales, sums, scale, divide);
+            emit(y, row + 8, tok, out, tokens, acc[i][j][2], scales, sums, scale, divide);
+            emit(y, row + 8, tok + 1, out, tokens, acc[i][j][3], scales, sums, scale, divide);
+        }
+}
+
+#define GEMM(KIND, NAME, OUTT)                                                                    \
+    extern "C" __global__ void bitnet_gemm_##KIND##_##NAME(                                       \
+        const uint8_t* w, const int8_t* q, const float* s, const int* sums, OUTT* y, int out,     \
+        int nb, int tokens, float scale, int divide) {                                            \
+        gemm_##KIND<OUTT>(w, q, s, sums, y, out, nb, tokens, scale, divide);                      \
+    }
+GEMM(dp4a, f32, float)
+GEMM(dp4a, bf16, __nv_bfloat16)
+GEMM(mma, f32, float)
+GEMM(mma, bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// (e) BF16 weights [rows, cols] x activations [tokens, cols] (f32 or bf16) -> f32 [tokens, rows],
+// f32 accumulation. One warp per row, NT <= 8 tokens per launch (the host loops over chunks).
+// `vec` (host-checked: cols % 8 == 0 and 16-byte aligned rows) enables 16-byte weight loads.
+// ---------------------------------------------------------------------------------------------
+template <int NT, typename XT>
+__device__ void dense_bf16(const __nv_bfloat16* __restrict__ w, const XT* __restrict__ x,
+                           float* __restrict__ y, int rows, int cols, int vec) {
+    const int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const __nv_bfloat16* wr = w + (size_t)row * cols;
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] = 0.0f;
+    int done = 0;
+    if (vec) {
+        const int chunks = cols >> 3;
+#pragma unroll 4
+        for (int c = lane; c < chunks; c += 32) {
+            const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr) + c);
+            const uint32_t wu[4] = {wv.x, wv.y, wv.z, wv.w};
+            float wf[8];
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                wf[2 * m] = __uint_as_float(wu[m] << 16);
+                wf[2 * m + 1] = __uint_as_float(wu[m] & 0xffff0000u);
+            }
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const XT* xt = x + (size_t)t * cols + 8 * c;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], to_f32(xt[e]), acc[t]);
+            }
+        }
+        done = chunks << 3;
+    }
+    for (int i = done + lane; i < cols; i += 32) {
+        const float wf = __bfloat162float(wr[i]);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t] = fmaf(wf, to_f32(x[(size_t)t * cols + i]), acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) y[(size_t)t * rows + row] = acc[t];
+    }
+}
+
+#define DENSE(NT, NAME, XT)                                                                       \
+    extern "C" __global__ void bitnet_dense##NT##_##NAME(const __nv_bfloat16* w, const XT* x,     \
+                                                         float* y, int rows, int cols, int vec) { \
+        dense_bf16<NT, XT>(w, x, y, rows, cols, vec);                                             \
+    }
+#define DENSE_ALL(NAME, XT)                                                                       \
+    DENSE(1, NAME, XT) DENSE(2, NAME, XT) DENSE(3, NAME, XT) DENSE(4, NAME, XT)                    \
+    DENSE(5, NAME, XT) DENSE(6, NAME, XT) DENSE(7, NAME, XT) DENSE(8, NAME, XT)
+DENSE_ALL(f32, float)
+DENSE_ALL(bf16, __nv_bfloat16)

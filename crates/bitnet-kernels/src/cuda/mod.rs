@@ -1,0 +1,428 @@
+//! The CUDA path (feature `cuda`): [`crate::BitLinearOp`] and [`crate::Bf16LinearOp`] on candle
+//! CUDA tensors.
+//!
+//! The kernels live in `kernels/bitnet.cu`, compiled to PTX by `build.rs` and loaded once per
+//! device through candle's [`CudaDevice::get_or_load_custom_func`]. A BitLinear runs two launches:
+//!
+//! 1. per-token absmax int8 quantization (`bitnet_quant_*`): int8 values padded to the weight's
+//!    block size, per-token scale `s` and per-token `Σq`;
+//! 2. the ternary product with the epilogue fused: a dp4a GEMV, one warp per group of four rows,
+//!    for up to [`GEMV_MAX_TOKENS`] tokens per pass (up to [`AUTO_GEMV_MAX_TOKENS`] tokens), or a
+//!    tiled GEMM (int8 tensor-core `mma`, or dp4a) for more tokens.
+//!
+//! Weights are uploaded on first use in the CPU kernel layout (src/layout.rs), which is already
+//! dp4a-friendly, and cached inside the op per device, so model code does not change: moving
+//! the input tensor to a CUDA device is enough. Integer sums are exact and the epilogue is the
+//! same sequence of IEEE f32 operations as on the CPU, so outputs match the CPU path bit for bit
+//! (tests/cuda.rs).
+//!
+//! The functions here expose each stage separately for tests and benchmarks.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use half::bf16;
+
+use crate::error::KernelError;
+use crate::op::{BitLinearOp, ScaleConvention};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bitnet.ptx"));
+const MODULE: &str = "bitnet-kernels";
+
+/// Tokens per GEMV pass (each pass reads the whole weight).
+pub const GEMV_MAX_TOKENS: usize = 8;
+
+/// [`Kernel::Auto`] runs GEMV passes up to this many tokens and the tensor-core GEMM beyond.
+/// Measured on an H200 (docs/CUDA.md), 2560→6912: GEMV 25 µs vs GEMM 33 µs at 16 tokens,
+/// 48 µs vs 37 µs at 32.
+pub const AUTO_GEMV_MAX_TOKENS: usize = 16;
+
+/// Which ternary product kernel to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// GEMV passes for up to [`AUTO_GEMV_MAX_TOKENS`] tokens, tensor-core GEMM beyond.
+    Auto,
+    /// dp4a GEMV, in passes of up to [`GEMV_MAX_TOKENS`] tokens (each pass reads the weights).
+    Gemv,
+    /// Tiled GEMM (64 rows × 64 tokens) with dp4a.
+    GemmDp4a,
+    /// Tiled GEMM (64 rows × 64 tokens) with int8 `mma.sync` tensor-core instructions (sm_80+).
+    GemmMma,
+}
+
+/// A per-device copy of a host buffer, uploaded on first use (weights of an op).
+pub(crate) struct DeviceCache<T> {
+    slots: Mutex<Vec<(DeviceId, Arc<CudaSlice<T>>)>>,
+}
+
+impl<T> Default for DeviceCache<T> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceCache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.slots.lock().map_or(0, |s| s.len());
+        write!(f, "DeviceCache({n} devices)")
+    }
+}
+
+impl<T: DeviceRepr + Copy + 'static> DeviceCache<T> {
+    /// The copy of `host` on `dev`, uploading it (padded to at least one element) if needed.
+    fn get_or_upload(&self, dev: &CudaDevice, host: &[T], pad: T) -> Result<Arc<CudaSlice<T>>> {
+        let mut slots = self
+            .slots
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("bitnet cuda weight cache poisoned".into()))?;
+        if let Some((_, s)) = slots.iter().find(|(id, _)| *id == dev.id()) {
+            return Ok(s.clone());
+        }
+        let slice = if host.is_empty() {
+            dev.clone_htod(&[pad][..])?
+        } else {
+            dev.clone_htod(host)?
+        };
+        let slice = Arc::new(slice);
+        slots.push((dev.id(), slice.clone()));
+        Ok(slice)
+    }
+}
+
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, PTX)?
+        .into_cuda_function())
+}
+
+fn cfg(grid: (usize, usize), threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn i32_arg(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bitnet cuda: {v} exceeds i32")))
+}
+
+/// The GPU's name and compute capability, e.g. `"NVIDIA H100 80GB HBM3 (sm_90)"`.
+pub fn device_name(dev: &CudaDevice) -> String {
+    let ctx = dev.cuda_stream().context().clone();
+    let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
+    match ctx.compute_capability() {
+        Ok((major, minor)) => format!("{name} (sm_{major}{minor})"),
+        Err(_) => name,
+    }
+}
+
+/// Output dims of a linear with `k` inputs and `n` outputs, or the error the CPU path gives.
+fn linear_dims(layout: &Layout, k: usize, n: usize) -> Result<(Vec<usize>, usize)> {
+    let mut dims = layout.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == k => *last = n,
+        last => {
+            let got = last.map_or(0, |l| *l);
+            return Err(KernelError::InputFeatures { got, expected: k }.into());
+        }
+    }
+    let tokens = dims[..dims.len() - 1].iter().product();
+    Ok((dims, tokens))
+}
+
+fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
+}
+
+/// Quantized activations on a GPU: `tokens × padded_len` int8 (stored as u8), per-token scale
+/// and per-token sum of the quantized values.
+pub struct QuantizedActs {
+    q: CudaSlice<u8>,
+    scales: CudaSlice<f32>,
+    sums: CudaSlice<i32>,
+    tokens: usize,
+    k_pad: usize,
+    dev: CudaDevice,
+}
+
+impl QuantizedActs {
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Copies values, scales and sums back to the host (for tests).
+    pub fn to_host(&self) -> Result<(Vec<i8>, Vec<f32>, Vec<i32>)> {
+        let n = self.tokens * self.k_pad;
+        let q = self.dev.clone_dtoh(&self.q.slice(..n))?;
+        let s = self.dev.clone_dtoh(&self.scales.slice(..self.tokens))?;
+        let sums = self.dev.clone_dtoh(&self.sums.slice(..self.tokens))?;
+        Ok((q.into_iter().map(|v| v as i8).collect(), s, sums))
+    }
+}
+
+/// Kernel (a): quantizes a contiguous `[..., k]` f32/bf16 CUDA storage into `k_pad ≥ k` columns.
+fn quantize_storage(
+    storage: &CudaStorage,
+    layout: &Layout,
+    k: usize,
+    k_pad: usize,
+) -> Result<QuantizedActs> {
+    let (start, end) = contiguous(layout, "bitlinear")?;
+    let tokens = (end - start).checked_div(k).unwrap_or_else(|| {
+        let dims = layout.shape().dims();
+        dims[..dims.len().saturating_sub(1)].iter().product()
+    });
+    let dev = storage.device().clone();
+    // SAFETY: every element the consumers read is written by the kernel below.
+    let (mut q, mut scales, mut sums) = unsafe {
+        (
+            dev.alloc::<u8>((tokens * k_pad).max(1))?,
+            dev.alloc::<f32>(tokens.max(1))?,
+            dev.alloc::<i32>(tokens.max(1))?,
+        )
+    };
+    if tokens > 0 {
+        let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
+        let threads = if k_pad >= 1024 { 256 } else { 128 };
+        let launch = cfg((tokens, 1), threads);
+        macro_rules! run {
+            ($x:expr, $name:literal) => {{
+                let x = $x.slice(start..end);
+                let f = func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x).arg(&mut q).arg(&mut scales).arg(&mut sums);
+                b.arg(&ki).arg(&kpi);
+                // SAFETY: argument types and sizes match the kernel's signature.
+                unsafe { b.launch(launch) }.w()?;
+            }};
+        }
+        match &storage.slice {
+            CudaStorageSlice::F32(x) => run!(x, "bitnet_quant_f32"),
+            CudaStorageSlice::BF16(x) => run!(x, "bitnet_quant_bf16"),
+            _ => {
+                return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
+            }
+        }
+    }
+    Ok(QuantizedActs {
+        q,
+        scales,
+        sums,
+        tokens,
+        k_pad,
+        dev,
+    })
+}
+
+/// Kernel (a) on a tensor: quantizes `x` (`[..., k]`, f32 or bf16, on a CUDA device) into rows
+/// of `k_pad ≥ k` int8 values.
+pub fn quantize(x: &Tensor, k_pad: usize) -> Result<QuantizedActs> {
+    let x = x.contiguous()?;
+    let k = x.dims().last().copied().unwrap_or(0);
+    if k_pad < k {
+        candle_core::bail!("bitnet cuda: padded length {k_pad} < {k}");
+    }
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => quantize_storage(s, layout, k, k_pad),
+        _ => candle_core::bail!("bitnet cuda: quantize needs a CUDA tensor"),
+    }
+}
+
+/// Kernels (b)–(d): the ternary product of `op`'s weight with quantized activations and the
+/// epilogue, into a new `[tokens, out]` buffer of `dtype` (f32 or bf16).
+pub fn bitlinear_quantized(
+    op: &BitLinearOp,
+    acts: &QuantizedActs,
+    kernel: Kernel,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    match dtype {
+        DType::F32 => product::<f32>(op, acts, kernel, "f32"),
+        DType::BF16 => product::<bf16>(op, acts, kernel, "bf16"),
+        other => Err(KernelError::UnsupportedDType(other.as_str()).into()),
+    }
+}
+
+fn product<T: DeviceRepr + CudaDType>(
+    op: &BitLinearOp,
+    acts: &QuantizedActs,
+    kernel: Kernel,
+    suffix: &str,
+) -> Result<CudaStorage> {
+    let w = op.weight();
+    let dev = &acts.dev;
+    if acts.k_pad != w.padded_in_features() {
+        candle_core::bail!(
+            "bitnet cuda: activations padded to {}, weight to {}",
+            acts.k_pad,
+            w.padded_in_features()
+        );
+    }
+    let (n, tokens, k_pad) = (w.out_features(), acts.tokens, acts.k_pad);
+    let wbuf = op.cuda_weights().get_or_upload(dev, w.as_bytes(), 0x55)?;
+    let wbuf: &CudaSlice<u8> = &wbuf;
+    // SAFETY: the kernels write every `[tokens, n]` element.
+    let mut y = unsafe { dev.alloc::<T>((tokens * n).max(1))? };
+    if tokens == 0 || n == 0 {
+        return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+    }
+    let (scale, convention) = op.scale();
+    let divide = i32::from(convention == ScaleConvention::Divide);
+    let (ni, nbi) = (i32_arg(n)?, i32_arg(w.padded_in_features() / crate::BLOCK)?);
+    let groups = n.div_ceil(4);
+    let kernel = match kernel {
+        Kernel::Auto if tokens <= AUTO_GEMV_MAX_TOKENS => Kernel::Gemv,
+        Kernel::Auto => Kernel::GemmMma,
+        k => k,
+    };
+    match kernel {
+        Kernel::Gemv => {
+            for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
+                let nt = GEMV_MAX_TOKENS.min(tokens - t0);
+                let f = func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?;
+                let (q, s, sums) = (
+                    acts.q.slice(t0 * k_pad..),
+                    acts.scales.slice(t0..),
+                    acts.sums.slice(t0..),
+                );
+                let mut yv = y.slice_mut(t0 * n..);
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(wbuf).arg(&q).arg(&s).arg(&sums).arg(&mut yv);
+                b.arg(&ni).arg(&nbi).arg(&scale).arg(&divide);
+                // 4 warps per block, one warp per group of 4 rows.
+                // SAFETY: argument types and sizes match the kernel's signature.
+                unsafe { b.launch(cfg((groups.div_ceil(4), 1), 128)) }.w()?;
+            }
+        }
+        Kernel::GemmDp4a | Kernel::GemmMma => {
+            let (name, threads) = match kernel {
+                Kernel::GemmDp4a => ("dp4a", 256),
+                _ => ("mma", 128),
+            };
+            let f = func(dev, &format!("bitnet_gemm_{name}_{suffix}"))?;
+            let ti = i32_arg(tokens)?;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(wbuf)
+                .arg(&acts.q)
+                .arg(&acts.scales)
+                .arg(&acts.sums)
+                .arg(&mut y);
+            b.arg(&ni).arg(&nbi).arg(&ti).arg(&scale).arg(&divide);
+            let grid = (groups.div_ceil(16), tokens.div_ceil(64));
+            // SAFETY: argument types and sizes match the kernel's signature.
+            unsafe { b.launch(cfg(grid, threads)) }.w()?;
+        }
+        Kernel::Auto => unreachable!("resolved above"),
+    }
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// `BitLinearOp::cuda_fwd`: quantize, then the product chosen by `kernel`.
+pub(crate) fn bitlinear_fwd(
+    op: &BitLinearOp,
+    storage: &CudaStorage,
+    layout: &Layout,
+    kernel: Kernel,
+) -> Result<(CudaStorage, Shape)> {
+    let w = op.weight();
+    let (dims, _) = linear_dims(layout, w.in_features(), w.out_features())?;
+    let dtype = storage.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(KernelError::UnsupportedDType(dtype.as_str()).into());
+    }
+    let acts = quantize_storage(storage, layout, w.in_features(), w.padded_in_features())?;
+    let y = bitlinear_quantized(op, &acts, kernel, dtype)?;
+    Ok((y, Shape::from(dims)))
+}
+
+struct WithKernel<'a> {
+    op: &'a BitLinearOp,
+    kernel: Kernel,
+}
+
+impl CustomOp1 for WithKernel<'_> {
+    fn name(&self) -> &'static str {
+        "bitlinear-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("bitnet cuda: bitlinear_with needs a CUDA tensor")
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        bitlinear_fwd(self.op, storage, layout, self.kernel)
+    }
+}
+
+/// [`BitLinearOp::forward`] on a CUDA tensor with a chosen product kernel (tests, benchmarks).
+pub fn bitlinear_with(op: &BitLinearOp, x: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&WithKernel { op, kernel })
+}
+
+/// `Bf16LinearOp::cuda_fwd`: `y = x · Wᵀ` with BF16 `W` (`[rows, cols]`, uploaded once into
+/// `cache`), f32 or bf16 `x`, f32 accumulation and output. One warp per row; each launch
+/// handles up to [`GEMV_MAX_TOKENS`] tokens, so `t` tokens read the weight `⌈t/8⌉` times.
+pub(crate) fn bf16_linear_fwd(
+    weight: &[bf16],
+    rows: usize,
+    cols: usize,
+    cache: &DeviceCache<bf16>,
+    storage: &CudaStorage,
+    layout: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (dims, tokens) = linear_dims(layout, cols, rows)?;
+    let (start, _) = contiguous(layout, "bf16-linear")?;
+    let dev = storage.device();
+    let wbuf = cache.get_or_upload(dev, weight, bf16::ZERO)?;
+    let wbuf: &CudaSlice<bf16> = &wbuf;
+    // SAFETY: the kernel writes every `[tokens, rows]` element.
+    let mut y = unsafe { dev.alloc::<f32>((tokens * rows).max(1))? };
+    if tokens > 0 && rows > 0 {
+        let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
+        let vec = i32::from(cols.is_multiple_of(8));
+        for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
+            let nt = GEMV_MAX_TOKENS.min(tokens - t0);
+            let mut yv = y.slice_mut(t0 * rows..);
+            let x0 = start + t0 * cols;
+            macro_rules! run {
+                ($x:expr, $name:literal) => {{
+                    let x = $x.slice(x0..);
+                    let f = func(dev, &format!("bitnet_dense{nt}_{}", $name))?;
+                    let stream = dev.cuda_stream();
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(wbuf).arg(&x).arg(&mut yv).arg(&ri).arg(&ci).arg(&vec);
+                    // SAFETY: argument types and sizes match the kernel's signature.
+                    unsafe { b.launch(cfg((rows.div_ceil(4), 1), 128)) }.w()?;
+                }};
+            }
+            match &storage.slice {
+                CudaStorageSlice::F32(x) => run!(x, "f32"),
+                CudaStorageSlice::BF16(x) => run!(x, "bf16"),
+                _ => {
+                    return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
+                }
+            }
+        }
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from(dims),
+    ))
+}

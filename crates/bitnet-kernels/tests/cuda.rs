@@ -1,0 +1,397 @@
+//! The CUDA path against the CPU path (run on a GPU machine: see docs/CUDA.md).
+//!
+//! BitLinear: both paths compute the same exact integer sums and the same f32 epilogue, so the
+//! outputs must be equal bit for bit (checked on every kernel, f32 and bf16, both scale
+//! conventions, ragged shapes, 1..=20 and 128 tokens). The BF16 head differs only in f32
+//! summation order: within 1e-5 of Σ|w·x| per element.
+#![cfg(feature = "cuda")]
+
+use std::sync::{Arc, OnceLock};
+
+use bitnet_kernels::cuda::{self, Kernel};
+use bitnet_kernels::quant::QuantizedActivations;
+use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, BitLinearOp, ScaleConvention, TernaryWeight};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn gpu() -> &'static Device {
+    static DEV: OnceLock<Device> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        eprintln!(
+            "CUDA device: {}",
+            cuda::device_name(dev.as_cuda_device().expect("cuda"))
+        );
+        dev
+    })
+}
+
+fn random_ternary(rng: &mut StdRng, n: usize) -> Vec<i8> {
+    (0..n).map(|_| rng.random_range(-1i8..=1)).collect()
+}
+
+/// Activations with outliers, an all-zero token, a token of exact ties (absmax 127 → s = 1),
+/// and a NaN, so that every branch of the quantizer is exercised.
+fn random_acts(rng: &mut StdRng, tokens: usize, k: usize) -> Vec<f32> {
+    let mut x: Vec<f32> = (0..tokens * k)
+        .map(|i| {
+            let v: f32 = rng.random_range(-1.0..1.0);
+            if i % 97 == 0 {
+                v * 20.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    if tokens >= 3 && k >= 2 {
+        x[k..2 * k].fill(0.0);
+        let ties = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, -127.0];
+        for (i, v) in x[2 * k..3 * k].iter_mut().enumerate() {
+            *v = ties[i % ties.len()];
+        }
+    }
+    if tokens >= 4 && k >= 3 {
+        x[3 * k + 2] = f32::NAN;
+    }
+    x
+}
+
+fn ulps(a: f32, b: f32) -> u32 {
+    if a == b || (a.is_nan() && b.is_nan()) {
+        return 0;
+    }
+    let key = |v: f32| {
+        let i = v.to_bits() as i32;
+        if i < 0 {
+            i32::MIN - i
+        } else {
+            i
+        }
+    };
+    key(a).abs_diff(key(b))
+}
+
+/// Ragged shapes: `in` not a multiple of 256 (and some that are), `out` not a multiple of 4 or 64.
+const SHAPES: [(usize, usize); 9] = [
+    (1, 1),
+    (5, 255),
+    (37, 257),
+    (64, 256),
+    (70, 700),
+    (129, 1000),
+    (200, 2560),
+    (96, 6912),
+    (640, 2560),
+];
+
+fn token_counts() -> Vec<usize> {
+    let mut t: Vec<usize> = (1..=20).collect();
+    t.push(128);
+    t
+}
+
+#[test]
+fn quantization_matches_cpu() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    for &(k, tokens) in &[
+        (1usize, 1usize),
+        (255, 7),
+        (256, 4),
+        (700, 20),
+        (2560, 128),
+        (6912, 3),
+    ] {
+        let k_pad = k.div_ceil(256) * 256;
+        let x = random_acts(&mut rng, tokens, k);
+        let mut cpu = QuantizedActivations::default();
+        cpu.quantize(&x, tokens, k, k_pad);
+        for dtype in [DType::F32, DType::BF16] {
+            let xt = Tensor::from_slice(&x, (tokens, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let mut reference = cpu.clone();
+            if dtype == DType::BF16 {
+                let xb: Vec<f32> = xt
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                reference.quantize(&xb, tokens, k, k_pad);
+            }
+            let acts = cuda::quantize(&xt.to_device(dev).unwrap(), k_pad).unwrap();
+            let (q, s, sums) = acts.to_host().unwrap();
+            assert_eq!(
+                q,
+                reference.values(),
+                "values, k={k} tokens={tokens} {dtype:?}"
+            );
+            let s_bits: Vec<u32> = s.iter().map(|v| v.to_bits()).collect();
+            let r_bits: Vec<u32> = reference.scales().iter().map(|v| v.to_bits()).collect();
+            assert_eq!(s_bits, r_bits, "scales, k={k} tokens={tokens} {dtype:?}");
+            let expected: Vec<i32> = reference
+                .values()
+                .chunks(k_pad)
+                .map(|r| r.iter().map(|&v| v as i32).sum())
+                .collect();
+            assert_eq!(sums, expected, "sums, k={k} tokens={tokens} {dtype:?}");
+        }
+    }
+}
+
+#[test]
+fn bitlinear_kernels_match_cpu_bit_exact() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut checked = 0usize;
+    let mut inexact = 0usize;
+    // Failures are collected, not raised at once, so that one run reports every broken kernel.
+    let mut failures: Vec<String> = Vec::new();
+    for (si, &(out, inp)) in SHAPES.iter().enumerate() {
+        let w = Arc::new(
+            TernaryWeight::from_ternary(&random_ternary(&mut rng, out * inp), out, inp).unwrap(),
+        );
+        let convention = if si % 2 == 0 {
+            ScaleConvention::Multiply
+        } else {
+            ScaleConvention::Divide
+        };
+        let op = BitLinearOp::new(w, rng.random_range(0.3..3.0), convention);
+        for tokens in token_counts() {
+            // Large shapes: a subset of token counts, to keep the CPU reference quick.
+            if out * inp > 200_000 && !matches!(tokens, 1 | 3 | 8 | 9 | 17 | 128) {
+                continue;
+            }
+            let x = random_acts(&mut rng, tokens, inp);
+            for dtype in [DType::F32, DType::BF16] {
+                let xc = Tensor::from_slice(&x, (tokens, inp), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let expected: Vec<f32> = op
+                    .forward(&xc)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let xg = xc.to_device(dev).unwrap();
+                for kernel in [
+                    Kernel::Auto,
+                    Kernel::Gemv,
+                    Kernel::GemmDp4a,
+                    Kernel::GemmMma,
+                ] {
+                    let y = if kernel == Kernel::Auto {
+                        op.forward(&xg)
+                    } else {
+                        cuda::bitlinear_with(&op, &xg, kernel)
+                    };
+                    let case = format!("{kernel:?} {dtype:?} out={out} in={inp} tokens={tokens}");
+                    let y = match y {
+                        Ok(y) if y.dims() == [tokens, out] && y.dtype() == dtype => y,
+                        Ok(y) => {
+                            failures.push(format!("{case}: got {:?} {:?}", y.dims(), y.dtype()));
+                            continue;
+                        }
+                        Err(e) => {
+                            failures.push(format!("{case}: {e}"));
+                            continue;
+                        }
+                    };
+                    let got: Vec<f32> = y
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let worst = got
+                        .iter()
+                        .zip(&expected)
+                        .map(|(&a, &b)| ulps(a, b))
+                        .max()
+                        .unwrap_or(0);
+                    inexact += got
+                        .iter()
+                        .zip(&expected)
+                        .filter(|(a, b)| ulps(**a, **b) > 0)
+                        .count();
+                    checked += got.len();
+                    if worst > 1 {
+                        let bad = got
+                            .iter()
+                            .zip(&expected)
+                            .position(|(a, b)| ulps(*a, *b) > 1);
+                        let bad = bad.unwrap_or(0);
+                        failures.push(format!(
+                            "{case}: {worst} ulps; first at [{}, {}]: {} vs {}",
+                            bad / out,
+                            bad % out,
+                            got[bad],
+                            expected[bad]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("bitlinear: {checked} outputs checked, {inexact} not bit-identical");
+    for f in failures.iter().take(40) {
+        eprintln!("FAIL {f}");
+    }
+    assert!(failures.is_empty(), "{} failing cases", failures.len());
+}
+
+#[test]
+fn bitlinear_handles_offsets_batches_and_reuse() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(3);
+    let (out, inp) = (100, 300);
+    let w = Arc::new(
+        TernaryWeight::from_ternary(&random_ternary(&mut rng, out * inp), out, inp).unwrap(),
+    );
+    let op = BitLinearOp::new(w, 0.7, ScaleConvention::Multiply);
+    let x = Tensor::from_vec(random_acts(&mut rng, 2 * 5, inp), (2, 5, inp), &Device::Cpu).unwrap();
+    // A 3-D batch, and the last position only (a contiguous view with a non-zero offset).
+    let last_cpu = x.i((.., 4..5, ..)).unwrap().contiguous().unwrap();
+    let xg = x.to_device(dev).unwrap();
+    let last_gpu = xg.i((1.., 4.., ..)).unwrap();
+    for _ in 0..2 {
+        let (a, b) = (op.forward(&x).unwrap(), op.forward(&xg).unwrap());
+        assert_eq!(b.dims(), &[2, 5, out]);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b);
+        let a = op.forward(&last_cpu.i(1..).unwrap()).unwrap();
+        let b = op.clone().forward(&last_gpu).unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    // Wrong width and dtype are errors, not crashes.
+    assert!(op
+        .forward(&Tensor::zeros((1, inp + 1), DType::F32, dev).unwrap())
+        .is_err());
+    assert!(op
+        .forward(&Tensor::zeros((1, inp), DType::F64, dev).unwrap())
+        .is_err());
+}
+
+#[test]
+fn bf16_head_matches_cpu() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    for &(rows, cols) in &[
+        (1, 1),
+        (37, 255),
+        (130, 256),
+        (513, 2560),
+        (64, 1001),
+        (1000, 6912),
+    ] {
+        let data: Vec<bf16> = (0..rows * cols)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
+        let wf: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
+        let op = Bf16LinearOp::new(Arc::new(Bf16Matrix::new(data, rows, cols).unwrap()));
+        for tokens in token_counts() {
+            if rows * cols > 1_000_000 && !matches!(tokens, 1 | 9 | 128) {
+                continue;
+            }
+            let x = random_acts(&mut rng, tokens, cols)
+                .into_iter()
+                .map(|v| if v.is_nan() { 0.25 } else { v })
+                .collect::<Vec<f32>>();
+            for dtype in [DType::F32, DType::BF16] {
+                let xc = Tensor::from_slice(&x, (tokens, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let xf: Vec<f32> = xc
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let expected: Vec<f32> = op
+                    .forward(&xc)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let y = op.forward(&xc.to_device(dev).unwrap()).unwrap();
+                assert_eq!(y.dims(), &[tokens, rows]);
+                assert_eq!(y.dtype(), DType::F32);
+                let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let mut worst = 0f64;
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let mag: f64 = (0..cols)
+                            .map(|c| (wf[r * cols + c] as f64 * xf[t * cols + c] as f64).abs())
+                            .sum();
+                        let d = (got[t * rows + r] as f64 - expected[t * rows + r] as f64).abs();
+                        worst = worst.max(d / mag.max(1e-30));
+                    }
+                }
+                assert!(
+                    worst <= 1e-5,
+                    "rows={rows} cols={cols} tokens={tokens} {dtype:?}: relative error {worst:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Small shapes through every kernel, for `compute-sanitizer` (memcheck / racecheck) runs.
+#[test]
+fn sanitizer_smoke() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(9);
+    let (out, inp) = (37, 257);
+    let t = random_ternary(&mut rng, out * inp);
+    let op = BitLinearOp::new(
+        Arc::new(TernaryWeight::from_ternary(&t, out, inp).unwrap()),
+        1.5,
+        ScaleConvention::Multiply,
+    );
+    for tokens in [1, 9, 70] {
+        let x = Tensor::from_vec(
+            random_acts(&mut rng, tokens, inp),
+            (tokens, inp),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected: Vec<f32> = op
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let xg = x.to_device(dev).unwrap();
+        for kernel in [Kernel::Gemv, Kernel::GemmDp4a, Kernel::GemmMma] {
+            let y = cuda::bitlinear_with(&op, &xg, kernel).unwrap();
+            let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, expected, "{kernel:?} tokens={tokens}");
+        }
+    }
+    let data: Vec<bf16> = (0..out * inp)
+        .map(|i| bf16::from_f32(i as f32 * 1e-3))
+        .collect();
+    let head = Bf16LinearOp::new(Arc::new(Bf16Matrix::new(data, out, inp).unwrap()));
+    let x = Tensor::ones((9, inp), DType::F32, dev).unwrap();
+    assert_eq!(head.forward(&x).unwrap().dims(), &[9, out]);
+}
