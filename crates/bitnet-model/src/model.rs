@@ -67,6 +67,7 @@ impl Loader<'_> {
             .get(name)?
             .to_tensor(shape, dtype, self.device)?;
         self.used.insert(name.to_string());
+        self.weights.release(name);
         Ok(t)
     }
 
@@ -93,6 +94,7 @@ impl Loader<'_> {
             Table::F32(t.to_tensor(shape, DType::F32, self.device)?)
         };
         self.used.insert(name.to_string());
+        self.weights.release(name);
         Ok(table)
     }
 
@@ -131,6 +133,7 @@ impl Loader<'_> {
         if stored == Stored::Packed {
             self.used.insert(format!("{name}_scale"));
         }
+        self.weights.release(name);
         if layer.is_all_zero() {
             self.warnings.push(format!(
                 "{name}: every ternary weight is zero, so this layer outputs zeros; the \

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
+#[cfg(unix)]
+use memmap2::UncheckedAdvice;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
@@ -253,6 +255,29 @@ impl Weights {
             shape: &e.shape,
             data: &shard.mmap[e.bytes.clone()],
         })
+    }
+
+    /// Drops `name`'s pages from this process's resident memory (they stay in the OS page
+    /// cache, so a later read is cheap). The loader calls this once a tensor has been copied
+    /// into its runtime form: otherwise every mapped page read during loading would count in
+    /// the resident set until the map is dropped, nearly doubling the peak (2B-4T: ~2.3 GB
+    /// instead of ~1.2 GB).
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            let shard = &self.shards[e.shard];
+            // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages;
+            // a later access faults them back in from the unchanged file. Failure is harmless.
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    e.bytes.start,
+                    e.bytes.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
     }
 
     /// All tensors, sorted by name (rotary `inv_freq` buffers included; the model ignores them).
