@@ -6,6 +6,10 @@
 //! cargo xtask synth <output> [--preset tiny|2b4t] [--hidden N --layers N ...] [--seed N] [--float]
 //! ```
 
+// Doc comments double as clap's --help text, where `<INPUT>`-style placeholders are meant
+// literally, not as HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

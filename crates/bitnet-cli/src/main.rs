@@ -1,6 +1,10 @@
 //! `bitnet`: run BitNet b1.58 models with candle — generate, chat, perplexity, inspect, bench,
 //! convert. A thin layer over `bitnet-model`, `bitnet-kernels` and `bitnet-convert`.
 
+// Doc comments double as clap's --help text, where `<INPUT>`-style placeholders are meant
+// literally, not as HTML.
+#![allow(rustdoc::invalid_html_tags)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -1,6 +1,6 @@
 //! CPU ternary × int8 matrix products, with the instruction set chosen at run time.
 //!
-//! Every instruction set implements one micro-kernel, [`Tile`]: the raw sums `Σ code·q` of an
+//! Every instruction set implements one micro-kernel, `Tile`: the raw sums `Σ code·q` of an
 //! `R × T` tile (R weight rows, T tokens) over whole blocks, where `code = w + 1 ∈ {0,1,2}`.
 //! Using the unsigned code directly suits the u8×i8 instructions (`vpdpbusd`, `vpmaddubsw`);
 //! the driver subtracts each token's `Σq` to get the ternary dot product. All accumulation is
@@ -110,7 +110,7 @@ pub(crate) trait Tile {
 ///
 /// # Panics
 /// If `isa` is not supported by this CPU (use [`Isa::available`]), or if the shapes disagree:
-/// both are programming errors, which [`crate::BitLinear`] rules out before calling.
+/// both are programming errors, which [`crate::BitLinearOp`] rules out before calling.
 pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, out: &mut [i32]) {
     assert!(
         Isa::available().contains(&isa),
