@@ -9,6 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/cuda-target}
+# The shared setup script reads cudarc's sources from the registry for its libcuda stub.
+cargo fetch --locked >/dev/null
 if ! command -v nvcc >/dev/null; then
   setup=${CUDA_SETUP:-../shared/cuda/setup-toolchain.sh}
   [ -x "$setup" ] || { echo "no nvcc on PATH and no $setup: install the CUDA toolkit" >&2; exit 1; }
