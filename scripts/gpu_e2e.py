@@ -1,0 +1,97 @@
+"""Whole-model checks and timings on a GPU machine (device tool; not part of the product).
+
+Runs the CUDA build of `bitnet` (carried in .gpu/) against the transformers fixtures, the shipped
+model and a 2B-4T-shaped synthetic model, and times HF transformers on the same synthetic weights
+in the same call. Prints markdown tables; writes the raw results to $OUT/gpu_e2e.json.
+
+    python3 scripts/gpu_e2e.py .gpu/bitnet .gpu/xtask
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+bitnet, xtask = sys.argv[1], sys.argv[2]
+out_dir = os.environ.get("OUT", ".")
+results = {}
+
+
+def run(*args):
+    p = subprocess.run(args, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{args}: {p.stderr[-2000:]}")
+    return p
+
+
+def cli_json(*args):
+    return json.loads(run(bitnet, *args).stdout)
+
+
+# 1. Fixture parity on the GPU (f32 and bf16), same tolerances as tests/parity.rs.
+print("| fixture | dtype | mean NLL (ours) | transformers | Δ | greedy ids equal / comparable |")
+print("|---|---|---|---|---|---|")
+for name in ["bitnet-packed", "bitnet-bf16", "llama-packed", "llama-bf16"]:
+    d = f"tests/fixtures/{name}"
+    ref = json.load(open(f"{d}/reference.json"))
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(ref["text"])
+    for dtype, margin in [("f32", 1e-2), ("bf16", 0.5)]:
+        common = ["--model", d, "--device", "cuda", "--dtype", dtype]
+        ppl = cli_json("perplexity", *common, "--file", f.name, "--json")
+        want = ref["dtypes"][dtype]["mean_nll"]
+        g = cli_json("generate", *common, "--prompt", ref["greedy_prompt"], "--temperature", "0",
+                     "--max-tokens", "24", "--ignore-eos", "--json")
+        greedy = ref["dtypes"][dtype]["greedy"]
+        comparable = next((i for i, m in enumerate(greedy["margins"]) if m < margin), 24)
+        equal = sum(1 for a, b in zip(g["tokens"][:comparable], greedy["ids"][:comparable]) if a == b)
+        same_prefix = g["tokens"][:comparable] == greedy["ids"][:comparable]
+        results[f"{name}/{dtype}"] = {"mean_nll": ppl["mean_nll"], "ref": want, "greedy_equal": same_prefix}
+        print(f"| {name} | {dtype} | {ppl['mean_nll']:.5f} | {want:.5f} | {ppl['mean_nll'] - want:+.1e} | "
+              f"{equal} / {comparable}{'' if same_prefix else ' MISMATCH'} |")
+
+# 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
+ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
+results["kjv_heldout_cuda_f32"] = {k: ppl[k] for k in ("mean_nll", "ppl", "tok_s")}
+print(f"\nshipped model, held-out, CUDA f32: mean NLL {ppl['mean_nll']:.5f}, ppl {ppl['ppl']:.3f}, {ppl['tok_s']:.0f} tok/s")
+
+# 3. 2B-4T-shaped synthetic model: ours vs transformers (BF16, eager), same weights, same card.
+model = "/tmp/synth-2b4t"
+run(xtask, "synth", model, "--preset", "2b4t", "--force")
+bench = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
+            "-p", "512", "-n", "128", "-r", "3")
+print("\nbitnet bench (CUDA, bf16):\n" + bench.stdout + bench.stderr[-600:])
+results["bitnet_bench"] = bench.stdout
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="eager").to("cuda").eval()
+gen = torch.Generator().manual_seed(0)
+prompt = torch.randint(0, 128000, (1, 512), generator=gen).cuda()
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+with torch.no_grad():
+    pp = timed(lambda: hf(prompt))
+    short = prompt[:, :8]
+    first = timed(lambda: hf.generate(short, max_new_tokens=1, min_new_tokens=1, do_sample=False))
+    full = timed(lambda: hf.generate(short, max_new_tokens=128, min_new_tokens=128, do_sample=False))
+tg = 127 / (full - first)
+results["transformers"] = {"pp512_tok_s": 512 / pp, "tg128_tok_s": tg, "version": __import__("transformers").__version__}
+print(f"\ntransformers {results['transformers']['version']} (BF16, eager) on {torch.cuda.get_device_name()}: "
+      f"pp512 {512 / pp:.0f} tok/s, tg128 {tg:.1f} tok/s")
+json.dump(results, open(f"{out_dir}/gpu_e2e.json", "w"), indent=1)
