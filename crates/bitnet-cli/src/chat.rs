@@ -70,7 +70,7 @@ impl Session {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let (mut sampler, seed) = args.sampling.sampler()?;
+    args.sampling.sampler(&serde_json::Value::Null)?; // bad flags fail before loading
     let runtime::Loaded {
         mut model,
         tokenizer,
@@ -78,10 +78,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..
     } = runtime::load(&args.source, &args.runtime)?;
     let template = ChatTemplate::from_dir(&source.dir)?;
+    let generation_config = sampling::generation_config(&source.dir)?;
+    let (mut sampler, seed) = args.sampling.sampler(&generation_config)?;
     let stop_tokens = if args.sampling.ignore_eos {
         Vec::new()
     } else {
-        sampling::stop_tokens(&source.dir, &model, &tokenizer)?
+        sampling::stop_tokens(&generation_config, &model, &tokenizer)
     };
     let context = model.max_context();
     let interactive = std::io::stdin().is_terminal();

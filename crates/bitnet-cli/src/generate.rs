@@ -51,8 +51,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    // Check everything cheap before loading the model.
-    let (mut sampler, seed) = args.sampling.sampler()?;
+    // Check everything cheap before loading the model: flags first (the model's
+    // generation_config.json only fills in the ones not given).
+    args.sampling.sampler(&serde_json::Value::Null)?;
     let prompt = if args.prompt == "-" {
         util::read_stdin("--prompt -")?
     } else {
@@ -65,6 +66,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         load_s,
         ..
     } = runtime::load(&args.source, &args.runtime)?;
+    let generation_config = sampling::generation_config(&source.dir)?;
+    let (mut sampler, seed) = args.sampling.sampler(&generation_config)?;
 
     let prompt_ids = if args.chat {
         let mut messages = Vec::new();
@@ -94,7 +97,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let stop_tokens = if args.sampling.ignore_eos {
         Vec::new()
     } else {
-        sampling::stop_tokens(&source.dir, &model, &tokenizer)?
+        sampling::stop_tokens(&generation_config, &model, &tokenizer)
     };
     let options = GenerateOptions {
         max_tokens: args.max_tokens,

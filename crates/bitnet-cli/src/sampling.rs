@@ -15,18 +15,19 @@ use tokenizers::Tokenizer;
 #[command(next_help_heading = "Sampling")]
 pub struct SamplingArgs {
     /// Softmax temperature: lower is more deterministic, 0 is greedy (always the most likely
-    /// token, ignoring the other sampling flags).
-    #[arg(long, default_value_t = 0.8, value_name = "T")]
-    pub temperature: f32,
+    /// token, ignoring the other sampling flags). [default: the model's generation_config.json
+    /// (0 if it says do_sample: false), else 0.8]
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f32>,
 
-    /// Sample only among the K most likely tokens. [default: off]
+    /// Sample only among the K most likely tokens. [default: generation_config.json, else off]
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
 
     /// Nucleus sampling: keep the smallest set of most likely tokens whose probabilities sum to
-    /// at least P, in (0, 1]; 1 turns it off.
-    #[arg(long, default_value_t = 0.95, value_name = "P")]
-    pub top_p: f32,
+    /// at least P, in (0, 1]; 1 turns it off. [default: generation_config.json, else 0.95]
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
 
     /// Drop tokens less likely than P × the most likely one, in [0, 1). [default: off]
     #[arg(long, value_name = "P")]
@@ -38,8 +39,9 @@ pub struct SamplingArgs {
 
     /// Repetition penalty (transformers' repetition_penalty): logits of tokens among the last
     /// --repeat-last-n are divided by R (multiplied if negative); 1 is off.
-    #[arg(long, default_value_t = 1.0, value_name = "R")]
-    pub repeat_penalty: f32,
+    /// [default: generation_config.json, else 1]
+    #[arg(long, value_name = "R")]
+    pub repeat_penalty: Option<f32>,
 
     /// How many recent tokens the repetition penalty looks at.
     #[arg(long, default_value_t = 64, value_name = "N")]
@@ -55,15 +57,30 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampler; fails (naming the flag) on an out-of-range value.
-    pub fn sampler(&self) -> Result<(Sampler, u64)> {
+    /// The sampler: flags first, then the model's `generation_config.json` (as transformers'
+    /// `generate` uses it), then this CLI's defaults. Fails (naming the flag) on a bad value.
+    pub fn sampler(&self, generation_config: &Value) -> Result<(Sampler, u64)> {
         let seed = self.seed.unwrap_or_else(random_seed);
+        let number = |key: &str| generation_config[key].as_f64().map(|v| v as f32);
+        let greedy_default = generation_config["do_sample"] == Value::Bool(false);
         let params = SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: Some(self.top_p),
-            min_p: self.min_p,
-            repeat_penalty: self.repeat_penalty,
+            temperature: self
+                .temperature
+                .or(if greedy_default {
+                    Some(0.0)
+                } else {
+                    number("temperature")
+                })
+                .unwrap_or(0.8),
+            top_k: self
+                .top_k
+                .or(generation_config["top_k"].as_u64().map(|k| k as usize)),
+            top_p: Some(self.top_p.or(number("top_p")).unwrap_or(0.95)),
+            min_p: self.min_p.or(number("min_p")),
+            repeat_penalty: self
+                .repeat_penalty
+                .or(number("repetition_penalty"))
+                .unwrap_or(1.0),
             repeat_last_n: self.repeat_last_n,
             seed,
         };
@@ -83,26 +100,32 @@ fn random_seed() -> u64 {
     h.finish() >> 1
 }
 
+/// The model directory's `generation_config.json`, or `Null` when it has none.
+pub fn generation_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("generation_config.json");
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
 /// Token ids that end generation: the config's eos ids, `<|eot_id|>` if the vocabulary has it,
 /// and generation_config.json's eos ids.
-pub fn stop_tokens(dir: &Path, model: &ForCausalLM, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+pub fn stop_tokens(
+    generation_config: &Value,
+    model: &ForCausalLM,
+    tokenizer: &Tokenizer,
+) -> Vec<u32> {
     let mut ids: BTreeSet<u32> = model.config().eos_token_ids.iter().copied().collect();
     if let Some(eot) = tokenizer.token_to_id("<|eot_id|>") {
         ids.insert(eot);
     }
-    let path = dir.join("generation_config.json");
-    if path.is_file() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
-        match &value["eos_token_id"] {
-            Value::Number(n) => ids.extend(n.as_u64().map(|n| n as u32)),
-            Value::Array(list) => {
-                ids.extend(list.iter().filter_map(Value::as_u64).map(|n| n as u32))
-            }
-            _ => {}
-        }
+    match &generation_config["eos_token_id"] {
+        Value::Number(n) => ids.extend(n.as_u64().map(|n| n as u32)),
+        Value::Array(list) => ids.extend(list.iter().filter_map(Value::as_u64).map(|n| n as u32)),
+        _ => {}
     }
-    Ok(ids.into_iter().collect())
+    ids.into_iter().collect()
 }

@@ -455,8 +455,9 @@ fn help_teaches() {
     let text = stdout(&o);
     for needle in [
         "[default: 128]",
-        "[default: 0.8]",
-        "[default: 0.95]",
+        "generation_config.json",
+        "else 0.8]",
+        "else 0.95]",
         "greedy",
         "--dtype",
     ] {
