@@ -271,6 +271,24 @@ fn perplexity_matches_transformers() {
     let first = out["nll"][0].as_f64().unwrap();
     assert!((first - ref_nll[0].as_f64().unwrap()).abs() < 1e-2);
 
+    // The int8 head approximates the exact one: same tokens, mean NLL within 0.1.
+    let o = ok(run(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        file.to_str().unwrap(),
+        "--head",
+        "q8",
+        "--json",
+    ]));
+    let q8: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let q8_mean = q8["mean_nll"].as_f64().unwrap();
+    assert!(
+        q8_mean != mean && (q8_mean - mean).abs() < 0.1,
+        "q8 {q8_mean} vs exact {mean}"
+    );
+
     // Human-readable form.
     let o = ok(run(&[
         "perplexity",

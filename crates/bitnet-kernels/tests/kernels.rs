@@ -263,3 +263,60 @@ fn bf16_matmul_matches_f64_reference() {
         }
     }
 }
+
+/// The int8 head: every instruction set against the scalar reference, and the op close to the
+/// exact BF16 product (int8 weights: error ~ one quantization step per row).
+#[test]
+fn int8_head_matches_scalar_and_approximates_bf16() {
+    use bitnet_kernels::{Bf16Matrix, I8LinearOp, I8Matrix};
+    let mut rng = StdRng::seed_from_u64(11);
+    for (rows, cols, tokens) in [(67, 2560, 1), (5, 77, 3), (130, 1000, 2)] {
+        let w: Vec<half::bf16> = (0..rows * cols)
+            .map(|_| half::bf16::from_f32(rng.random_range(-0.1..0.1)))
+            .collect();
+        let x = random_acts(&mut rng, tokens * cols);
+        let q8 = I8Matrix::quantize(&w, rows, cols).unwrap();
+        let mut reference = vec![0f32; rows * tokens];
+        q8.matmul(Isa::Scalar, &x, &mut reference);
+        let scale: Vec<f32> = (0..tokens)
+            .map(|t| {
+                x[t * cols..(t + 1) * cols]
+                    .iter()
+                    .map(|v| v.abs() * 0.1)
+                    .sum()
+            })
+            .collect();
+        for isa in Isa::available() {
+            let mut out = vec![0f32; rows * tokens];
+            q8.matmul(isa, &x, &mut out);
+            for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale[i % tokens],
+                    "{isa:?} {i}: {a} vs {b}"
+                );
+            }
+        }
+        let xt = Tensor::from_vec(x.clone(), (tokens, cols), &Device::Cpu).unwrap();
+        let approx = I8LinearOp::new(std::sync::Arc::new(q8))
+            .forward(&xt)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut exact = vec![0f32; rows * tokens];
+        Bf16Matrix::new(w.clone(), rows, cols)
+            .unwrap()
+            .matmul(Isa::Scalar, &x, &mut exact);
+        for t in 0..tokens {
+            for r in 0..rows {
+                let (a, b) = (approx[t][r], exact[r * tokens + t]);
+                // Each weight moves by at most half a step (0.1 / 127 / 2); errors add up at most
+                // linearly in |x|.
+                let bound = scale[t] * 10.0 / 254.0;
+                assert!(
+                    (a - b).abs() <= bound,
+                    "[{t},{r}]: int8 {a} vs bf16 {b} (bound {bound})"
+                );
+            }
+        }
+    }
+}

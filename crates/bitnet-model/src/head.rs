@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16LinearOp, Bf16Matrix};
+use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, I8LinearOp, I8Matrix};
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
@@ -21,6 +21,17 @@ const GEMV_MAX_ROWS: usize = 8;
 /// Vocabulary rows widened to f32 at a time on the matmul path (`BLOCK × hidden × 4` bytes).
 const MATMUL_BLOCK: usize = 8192;
 
+/// How the LM head is stored (a tied embedding follows the head).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadFormat {
+    /// As in the checkpoint (BF16 or F32): the configuration that matches transformers.
+    #[default]
+    Exact,
+    /// Int8 weights with one scale per row, f32 activations: half the bytes per generated
+    /// token of BF16, at a small perplexity cost (docs/BENCHMARKS.md).
+    Q8,
+}
+
 /// A `[rows, cols]` float table.
 #[derive(Clone, Debug)]
 pub(crate) enum Table {
@@ -28,6 +39,8 @@ pub(crate) enum Table {
     Bf16(Arc<Bf16Matrix>),
     /// An f32 tensor on the model's device.
     F32(Tensor),
+    /// Int8 rows with per-row scales on the CPU ([`HeadFormat::Q8`]).
+    Q8(Arc<I8Matrix>),
 }
 
 /// Token embedding: rows of a [`Table`], cast to the model dtype.
@@ -65,6 +78,19 @@ impl Embedding {
                     .to_device(&self.device)?
                     .to_dtype(self.dtype)
             }
+            Table::Q8(m) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut rows = Vec::with_capacity(ids.len() * m.cols());
+                for &id in &ids {
+                    let Some(row) = m.row_f32(id as usize) else {
+                        candle_core::bail!("token id {id} is out of range for {} rows", m.rows());
+                    };
+                    rows.extend(row);
+                }
+                Tensor::from_vec(rows, (ids.len(), m.cols()), &Device::Cpu)?
+                    .to_device(&self.device)?
+                    .to_dtype(self.dtype)
+            }
         }
     }
 
@@ -84,7 +110,7 @@ impl LmHead {
     pub(crate) fn new(table: Table) -> Self {
         let op = match &table {
             Table::Bf16(m) => Some(Bf16LinearOp::new(m.clone())),
-            Table::F32(_) => None,
+            Table::F32(_) | Table::Q8(_) => None,
         };
         Self { table, op }
     }
@@ -95,6 +121,7 @@ impl LmHead {
         let m = x.dim(0)?;
         match (&self.table, &self.op) {
             (Table::F32(w), _) => x.matmul(&w.t()?),
+            (Table::Q8(w), _) => I8LinearOp::new(w.clone()).forward(&x),
             (Table::Bf16(_), Some(op)) if m <= GEMV_MAX_ROWS || !x.device().is_cpu() => {
                 op.forward(&x)
             }

@@ -29,6 +29,7 @@ pub use bitlinear::BitLinear;
 pub use cache::Cache;
 pub use config::{Config, Family, QuantizationMode, ScaleConvention};
 pub use error::{Error, Result};
+pub use head::HeadFormat;
 pub use inspect::{inspect, ModelInfo, TensorGroup};
 pub use model::ForCausalLM;
 pub use perplexity::perplexity;

@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use bitnet_kernels::Bf16Matrix;
+use bitnet_kernels::{Bf16Matrix, I8Matrix};
 use candle_core::{DType, Device, Module, Tensor, D};
 use half::bf16;
 
@@ -41,7 +41,7 @@ use crate::bitlinear::{self, BitLinear, Stored};
 use crate::cache::{Cache, LayerCache};
 use crate::config::{config_path, Config, Family, QuantizationMode};
 use crate::error::{Error, Result};
-use crate::head::{Embedding, LmHead, Table};
+use crate::head::{Embedding, HeadFormat, LmHead, Table};
 use crate::weights::Weights;
 
 /// Default number of prompt tokens processed per forward step (see
@@ -58,6 +58,7 @@ struct Loader<'a> {
     warnings: Vec<String>,
     /// Linears stored differently from what `quantization_mode` says (reported once, at the end).
     off_mode: Vec<String>,
+    head: HeadFormat,
 }
 
 impl Loader<'_> {
@@ -73,9 +74,34 @@ impl Loader<'_> {
 
     /// A large float matrix (embedding, LM head): BF16 when that loses nothing (BF16 on disk)
     /// or when the model runs in BF16 anyway (transformers rounds it too), else F32.
-    fn table(&mut self, name: &str, shape: &[usize]) -> Result<Table> {
+    fn table(&mut self, name: &str, shape: &[usize], is_head: bool) -> Result<Table> {
         let t = self.weights.get(name)?;
-        let table = if self.dtype == DType::BF16 || t.dtype == safetensors::Dtype::BF16 {
+        let table = if is_head && self.head == HeadFormat::Q8 {
+            // Quantize straight from the mapped BF16 bytes when possible, so no full-precision
+            // copy of the head (2B-4T: 657 MB) ever exists next to the int8 one.
+            // SAFETY: every bit pattern is a valid bf16; the checkpoint is little-endian, as
+            // every machine this runs on.
+            let (pre, mapped, post) = unsafe { t.data.align_to::<bf16>() };
+            let copied: Vec<bf16>;
+            let values = if t.dtype == safetensors::Dtype::BF16
+                && t.shape == shape
+                && pre.is_empty()
+                && post.is_empty()
+                && cfg!(target_endian = "little")
+            {
+                mapped
+            } else {
+                copied = t
+                    .to_f32_vec(shape)?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect();
+                &copied
+            };
+            let m =
+                I8Matrix::quantize(values, shape[0], shape[1]).map_err(|e| t.bad(e.to_string()))?;
+            Table::Q8(Arc::new(m))
+        } else if self.dtype == DType::BF16 || t.dtype == safetensors::Dtype::BF16 {
             let values: Vec<bf16> = if t.dtype == safetensors::Dtype::BF16 && t.shape == shape {
                 t.data
                     .chunks_exact(2)
@@ -481,9 +507,19 @@ impl ForCausalLM {
     /// `device`. Problems that do not prevent running (an all-zero ternary tensor, unused
     /// tensors) are collected in [`ForCausalLM::warnings`]; the library never prints.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_head(dir, dtype, device, HeadFormat::Exact)
+    }
+
+    /// Like [`ForCausalLM::load`], storing the LM head (and a tied embedding) as `head`.
+    pub fn load_with_head(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        head: HeadFormat,
+    ) -> Result<Self> {
         let config = Config::from_file(&config_path(dir))?;
         let weights = Weights::open(dir)?;
-        Self::from_weights(config, &weights, dtype, device)
+        Self::build(config, &weights, dtype, device, head)
     }
 
     /// Builds the model from an already parsed config and opened weights.
@@ -492,6 +528,16 @@ impl ForCausalLM {
         weights: &Weights,
         dtype: DType,
         device: &Device,
+    ) -> Result<Self> {
+        Self::build(config, weights, dtype, device, HeadFormat::Exact)
+    }
+
+    fn build(
+        config: Config,
+        weights: &Weights,
+        dtype: DType,
+        device: &Device,
+        head: HeadFormat,
     ) -> Result<Self> {
         match dtype {
             DType::F32 | DType::BF16 => {}
@@ -517,14 +563,15 @@ impl ForCausalLM {
             used: HashSet::new(),
             warnings: Vec::new(),
             off_mode: Vec::new(),
+            head,
         };
         let (vocab, h) = (config.vocab_size, config.hidden_size);
         let embed_name = "model.embed_tokens.weight";
         let (embed_tokens, lm_head) = if config.tie_word_embeddings {
-            let e = l.table(embed_name, &[vocab, h])?;
+            let e = l.table(embed_name, &[vocab, h], true)?;
             (e.clone(), e)
         } else {
-            let e = l.table(embed_name, &[vocab, h])?;
+            let e = l.table(embed_name, &[vocab, h], false)?;
             if !weights.contains("lm_head.weight") {
                 return Err(Error::MissingTensor {
                     name: "lm_head.weight".into(),
@@ -538,7 +585,7 @@ impl ForCausalLM {
                         .into(),
                 });
             }
-            (e, l.table("lm_head.weight", &[vocab, h])?)
+            (e, l.table("lm_head.weight", &[vocab, h], true)?)
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&mut l, i))

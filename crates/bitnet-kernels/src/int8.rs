@@ -1,0 +1,257 @@
+//! [`I8Matrix`] and [`I8LinearOp`]: an int8 LM head (`--head q8`), half the bytes of BF16.
+//!
+//! Decoding reads the whole head for every token (2B-4T: 657 MB in BF16, more than all ternary
+//! weights at 2 bits), so its format bounds decode speed on a bandwidth-limited CPU. Here each
+//! row is quantized symmetrically to int8 with one f32 scale (`max|w| / 127`); activations stay
+//! f32 (`y = scale_row · Σ q·x`, f32 accumulation). Quantizing the activations too (one absmax
+//! per token, as BitLinear does) was tried first and lost far more accuracy: the final hidden
+//! state has outliers that flatten every other value to a few int8 steps. This approximates the
+//! BF16 head; `bitnet perplexity --head q8` measures the cost (docs/BENCHMARKS.md).
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::cpu::Isa;
+use crate::error::KernelError;
+use crate::quant::round_ties_even_small;
+
+/// A row-major int8 matrix with one scale per row.
+#[derive(Clone)]
+pub struct I8Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl std::fmt::Debug for I8Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("I8Matrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+impl I8Matrix {
+    /// Quantizes each row of a BF16 `[rows, cols]` matrix: `w ≈ q · max|w_row| / 127`.
+    pub fn quantize(data: &[bf16], rows: usize, cols: usize) -> crate::Result<Self> {
+        crate::pack::check_len("int8 head source", data.len(), rows, cols)?;
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows];
+        q.par_chunks_mut(cols.max(1))
+            .zip(scales.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (qr, scale))| {
+                let src = &data[r * cols..(r + 1) * cols];
+                let absmax = src.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+                *scale = absmax / 127.0;
+                let inv = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
+                for (qi, v) in qr.iter_mut().zip(src) {
+                    *qi = round_ties_even_small((v.to_f32() * inv).clamp(-127.0, 127.0)) as i8;
+                }
+            });
+        Ok(Self {
+            rows,
+            cols,
+            data: q,
+            scales,
+        })
+    }
+
+    /// Rows (vocabulary size for a head).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (hidden size).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (values and scales).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len() + 4 * self.rows
+    }
+
+    /// Row `i` dequantized (`q · scale`), e.g. for a tied embedding lookup.
+    pub fn row_f32(&self, i: usize) -> Option<Vec<f32>> {
+        let q = self.data.get(i * self.cols..(i + 1) * self.cols)?;
+        let s = self.scales[i];
+        Some(q.iter().map(|&v| v as f32 * s).collect())
+    }
+
+    /// `out[r · tokens + t] = scale_r · Σ_k q[r,k] · x[t,k]` in f32 (`x` is `tokens × cols`),
+    /// split across the current rayon pool. Instruction sets differ only in f32 summation order.
+    ///
+    /// # Panics
+    /// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
+    pub fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        assert!(
+            Isa::available().contains(&isa),
+            "{isa:?} is not supported by this CPU"
+        );
+        let tokens = x.len().checked_div(self.cols).unwrap_or(0);
+        assert_eq!(
+            x.len(),
+            tokens * self.cols,
+            "input does not match the matrix width"
+        );
+        assert_eq!(
+            out.len(),
+            self.rows * tokens,
+            "output does not match [rows, tokens]"
+        );
+        if tokens == 0 || self.rows == 0 {
+            return;
+        }
+        let c = self.cols;
+        out.par_chunks_mut(64 * tokens)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                for (i, o) in out.chunks_exact_mut(tokens).enumerate() {
+                    let r = chunk * 64 + i;
+                    let w = &self.data[r * c..(r + 1) * c];
+                    for (t, o) in o.iter_mut().enumerate() {
+                        *o = self.scales[r] * dot(isa, w, &x[t * c..(t + 1) * c]);
+                    }
+                }
+            });
+    }
+}
+
+fn dot(isa: Isa, w: &[i8], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA was checked by the caller.
+        Isa::Avx512Vnni => unsafe { x86::dot_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if std::arch::is_x86_feature_detected!("fma") => unsafe { x86::dot_avx2(w, x) },
+        _ => dot_scalar(w, x),
+    }
+}
+
+/// The reference: sequential f32 accumulation.
+fn dot_scalar(w: &[i8], x: &[f32]) -> f32 {
+    w.iter()
+        .zip(x)
+        .fold(0.0, |acc, (&w, &x)| acc + w as f32 * x)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_avx512(w: &[i8], x: &[f32]) -> f32 {
+        let n = w.len() / 64 * 64;
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for k in (0..n).step_by(64) {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let wi = _mm512_cvtepi8_epi32(_mm_loadu_si128(w.as_ptr().add(k + 16 * i).cast()));
+                *a = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(wi),
+                    _mm512_loadu_ps(x.as_ptr().add(k + 16 * i)),
+                    *a,
+                );
+            }
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        _mm512_reduce_add_ps(sum) + super::dot_scalar(&w[n..], &x[n..])
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(w: &[i8], x: &[f32]) -> f32 {
+        let n = w.len() / 16 * 16;
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for k in (0..n).step_by(16) {
+            let w0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(w.as_ptr().add(k).cast()));
+            let w1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(w.as_ptr().add(k + 8).cast()));
+            a0 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(w0),
+                _mm256_loadu_ps(x.as_ptr().add(k)),
+                a0,
+            );
+            a1 = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(w1),
+                _mm256_loadu_ps(x.as_ptr().add(k + 8)),
+                a1,
+            );
+        }
+        let s = _mm256_add_ps(a0, a1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s) + super::dot_scalar(&w[n..], &x[n..])
+    }
+}
+
+/// `y = x · Wᵀ` for an [`I8Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32.
+#[derive(Clone, Debug)]
+pub struct I8LinearOp {
+    weight: Arc<I8Matrix>,
+}
+
+impl I8LinearOp {
+    /// The product with `weight`.
+    pub fn new(weight: Arc<I8Matrix>) -> Self {
+        Self { weight }
+    }
+
+    /// Applies the product to `x` (`[..., cols]`); the result is f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for I8LinearOp {
+    fn name(&self) -> &'static str {
+        "int8-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("int8-linear: input must be contiguous".into())
+        })?;
+        let w = &self.weight;
+        let mut dims = layout.shape().dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == w.cols => *last = w.rows,
+            last => {
+                let got = last.map_or(0, |l| *l);
+                return Err(KernelError::InputFeatures {
+                    got,
+                    expected: w.cols,
+                }
+                .into());
+            }
+        }
+        let x: std::borrow::Cow<[f32]> = match storage {
+            CpuStorage::F32(x) => x[start..end].into(),
+            CpuStorage::BF16(x) => x[start..end]
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<Vec<_>>()
+                .into(),
+            other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
+        };
+        let tokens = x.len() / w.cols.max(1);
+        let mut acc = vec![0f32; w.rows * tokens];
+        w.matmul(Isa::detect(), &x, &mut acc);
+        let mut y = vec![0f32; acc.len()];
+        for (r, row) in acc.chunks_exact(tokens).enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                y[t * w.rows + r] = *v;
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
