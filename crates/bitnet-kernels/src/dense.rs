@@ -133,46 +133,10 @@ impl CustomOp1 for Bf16LinearOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("bf16-linear: input must be contiguous".into())
-        })?;
-        let mut dims = layout.shape().dims().to_vec();
         let w = &self.weight;
-        match dims.last_mut() {
-            Some(last) if *last == w.cols => *last = w.rows,
-            last => {
-                let got = last.map_or(0, |l| *l);
-                return Err(KernelError::InputFeatures {
-                    got,
-                    expected: w.cols,
-                }
-                .into());
-            }
-        }
-        let x: std::borrow::Cow<[f32]> = match storage {
-            CpuStorage::F32(x) => x[start..end].into(),
-            CpuStorage::BF16(x) => x[start..end]
-                .iter()
-                .map(|v| v.to_f32())
-                .collect::<Vec<_>>()
-                .into(),
-            other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
-        };
-        let tokens = x.len() / w.cols.max(1);
-        let mut acc = vec![0f32; w.rows * tokens];
-        w.matmul(Isa::detect(), &x, &mut acc);
-        let y = if tokens == 1 {
-            acc
-        } else {
-            let mut y = vec![0f32; acc.len()];
-            for (r, row) in acc.chunks_exact(tokens).enumerate() {
-                for (t, v) in row.iter().enumerate() {
-                    y[t * w.rows + r] = *v;
-                }
-            }
-            y
-        };
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        float_head_cpu_fwd(self.name(), w.rows, w.cols, storage, layout, |x, out| {
+            w.matmul(Isa::detect(), x, out)
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -184,4 +148,56 @@ impl CustomOp1 for Bf16LinearOp {
         let w = &self.weight;
         crate::cuda::bf16_linear_fwd(&w.data, w.rows, w.cols, &self.gpu, storage, layout)
     }
+}
+
+/// The `cpu_fwd` shared by the LM-head ops ([`Bf16LinearOp`], [`crate::I8LinearOp`]): checks
+/// the input, widens it to f32, runs `matmul` (output-row-major `[rows, tokens]`) and returns
+/// `[..., rows]` f32.
+pub(crate) fn float_head_cpu_fwd(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    storage: &CpuStorage,
+    layout: &Layout,
+    matmul: impl Fn(&[f32], &mut [f32]),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: input must be contiguous")))?;
+    let mut dims = layout.shape().dims().to_vec();
+    match dims.last_mut() {
+        Some(last) if *last == cols => *last = rows,
+        last => {
+            let got = last.map_or(0, |l| *l);
+            return Err(KernelError::InputFeatures {
+                got,
+                expected: cols,
+            }
+            .into());
+        }
+    }
+    let x: std::borrow::Cow<[f32]> = match storage {
+        CpuStorage::F32(x) => x[start..end].into(),
+        CpuStorage::BF16(x) => x[start..end]
+            .iter()
+            .map(|v| v.to_f32())
+            .collect::<Vec<_>>()
+            .into(),
+        other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
+    };
+    let tokens = x.len() / cols.max(1);
+    let mut acc = vec![0f32; rows * tokens];
+    matmul(&x, &mut acc);
+    let y = if tokens == 1 {
+        acc
+    } else {
+        let mut y = vec![0f32; acc.len()];
+        for (r, row) in acc.chunks_exact(tokens).enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                y[t * rows + r] = *v;
+            }
+        }
+        y
+    };
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
 }

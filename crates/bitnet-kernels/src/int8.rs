@@ -10,13 +10,12 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::Isa;
-use crate::error::KernelError;
+use crate::dense::float_head_cpu_fwd;
 use crate::quant::round_ties_even_small;
 
 /// A row-major int8 matrix with one scale per row.
@@ -218,40 +217,9 @@ impl CustomOp1 for I8LinearOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("int8-linear: input must be contiguous".into())
-        })?;
         let w = &self.weight;
-        let mut dims = layout.shape().dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == w.cols => *last = w.rows,
-            last => {
-                let got = last.map_or(0, |l| *l);
-                return Err(KernelError::InputFeatures {
-                    got,
-                    expected: w.cols,
-                }
-                .into());
-            }
-        }
-        let x: std::borrow::Cow<[f32]> = match storage {
-            CpuStorage::F32(x) => x[start..end].into(),
-            CpuStorage::BF16(x) => x[start..end]
-                .iter()
-                .map(|v| v.to_f32())
-                .collect::<Vec<_>>()
-                .into(),
-            other => return Err(KernelError::UnsupportedDType(other.dtype().as_str()).into()),
-        };
-        let tokens = x.len() / w.cols.max(1);
-        let mut acc = vec![0f32; w.rows * tokens];
-        w.matmul(Isa::detect(), &x, &mut acc);
-        let mut y = vec![0f32; acc.len()];
-        for (r, row) in acc.chunks_exact(tokens).enumerate() {
-            for (t, v) in row.iter().enumerate() {
-                y[t * w.rows + r] = *v;
-            }
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        float_head_cpu_fwd(self.name(), w.rows, w.cols, storage, layout, |x, out| {
+            w.matmul(Isa::detect(), x, out)
+        })
     }
 }

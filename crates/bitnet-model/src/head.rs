@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, I8LinearOp, I8Matrix};
 use candle_core::{DType, Device, Tensor};
-use half::bf16;
 
 /// Token rows up to which the head uses the GEMV kernel; beyond, a blocked f32 matmul wins.
 const GEMV_MAX_ROWS: usize = 8;
@@ -65,33 +64,33 @@ impl Embedding {
         let ids = ids.flatten_all()?;
         match &self.table {
             Table::F32(t) => t.index_select(&ids, 0)?.to_dtype(self.dtype),
-            Table::Bf16(m) => {
-                let ids = ids.to_vec1::<u32>()?;
-                let mut rows: Vec<bf16> = Vec::with_capacity(ids.len() * m.cols());
-                for &id in &ids {
-                    let Some(row) = m.row(id as usize) else {
-                        candle_core::bail!("token id {id} is out of range for {} rows", m.rows());
-                    };
-                    rows.extend_from_slice(row);
-                }
-                Tensor::from_vec(rows, (ids.len(), m.cols()), &Device::Cpu)?
-                    .to_device(&self.device)?
-                    .to_dtype(self.dtype)
-            }
-            Table::Q8(m) => {
-                let ids = ids.to_vec1::<u32>()?;
-                let mut rows = Vec::with_capacity(ids.len() * m.cols());
-                for &id in &ids {
-                    let Some(row) = m.row_f32(id as usize) else {
-                        candle_core::bail!("token id {id} is out of range for {} rows", m.rows());
-                    };
-                    rows.extend(row);
-                }
-                Tensor::from_vec(rows, (ids.len(), m.cols()), &Device::Cpu)?
-                    .to_device(&self.device)?
-                    .to_dtype(self.dtype)
-            }
+            Table::Bf16(m) => self.gather(&ids, m.rows(), m.cols(), |i| {
+                m.row(i).map(|r| r.iter().map(|v| v.to_f32()).collect())
+            }),
+            Table::Q8(m) => self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i)),
         }
+    }
+
+    /// Gathers `row(id)` (as f32; exact for BF16) for every id on the CPU, then moves the
+    /// `[n, cols]` result to the model's device and dtype.
+    fn gather(
+        &self,
+        ids: &Tensor,
+        rows: usize,
+        cols: usize,
+        row: impl Fn(usize) -> Option<Vec<f32>>,
+    ) -> candle_core::Result<Tensor> {
+        let ids = ids.to_vec1::<u32>()?;
+        let mut out = Vec::with_capacity(ids.len() * cols);
+        for &id in &ids {
+            let Some(r) = row(id as usize) else {
+                candle_core::bail!("token id {id} is out of range for {rows} rows");
+            };
+            out.extend(r);
+        }
+        Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)
     }
 
     pub(crate) fn device(&self) -> &Device {
@@ -147,6 +146,8 @@ impl LmHead {
 
 #[cfg(test)]
 mod tests {
+    use half::bf16;
+
     use super::*;
 
     #[test]
