@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::cpu::{dense_tile, Isa};
+use crate::cpu::{dot_bf16, Isa};
 use crate::error::KernelError;
 use crate::pack::check_len;
 
@@ -68,34 +68,56 @@ impl Bf16Matrix {
     /// # Panics
     /// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
     pub fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
-        assert!(
-            Isa::available().contains(&isa),
-            "{isa:?} is not supported by this CPU"
-        );
-        let tokens = x.len().checked_div(self.cols).unwrap_or(0);
-        assert_eq!(
-            x.len(),
-            tokens * self.cols,
-            "input does not match the matrix width"
-        );
-        assert_eq!(
-            out.len(),
-            self.rows * tokens,
-            "output does not match [rows, tokens]"
-        );
-        if tokens == 0 || self.rows == 0 {
-            return;
-        }
-        let chunk_rows = 64;
-        out.par_chunks_mut(chunk_rows * tokens)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let r0 = i * chunk_rows;
-                let rows = out.len() / tokens;
-                let w = &self.data[r0 * self.cols..(r0 + rows) * self.cols];
-                dense_tile(isa, w, self.cols, x, tokens, out);
-            });
+        let c = self.cols;
+        row_parallel(isa, self.rows, c, x, out, |r, xt| {
+            dot_bf16(isa, &self.data[r * c..(r + 1) * c], xt)
+        });
     }
+}
+
+/// The driver shared by the head matrices: checks the shapes, then fills
+/// `out[r · tokens + t] = dot(r, x_t)` for every row and token (`x` is `tokens × cols`), in
+/// chunks of 64 rows across the current rayon pool.
+///
+/// # Panics
+/// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
+pub(crate) fn row_parallel(
+    isa: Isa,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &mut [f32],
+    dot: impl Fn(usize, &[f32]) -> f32 + Sync,
+) {
+    assert!(
+        Isa::available().contains(&isa),
+        "{isa:?} is not supported by this CPU"
+    );
+    let tokens = x.len().checked_div(cols).unwrap_or(0);
+    assert_eq!(
+        x.len(),
+        tokens * cols,
+        "input does not match the matrix width"
+    );
+    assert_eq!(
+        out.len(),
+        rows * tokens,
+        "output does not match [rows, tokens]"
+    );
+    if tokens == 0 || rows == 0 {
+        return;
+    }
+    const CHUNK_ROWS: usize = 64;
+    out.par_chunks_mut(CHUNK_ROWS * tokens)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            for (i, o) in out.chunks_exact_mut(tokens).enumerate() {
+                let r = chunk * CHUNK_ROWS + i;
+                for (t, o) in o.iter_mut().enumerate() {
+                    *o = dot(r, &x[t * cols..(t + 1) * cols]);
+                }
+            }
+        });
 }
 
 /// `y = x · Wᵀ` for a [`Bf16Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32.

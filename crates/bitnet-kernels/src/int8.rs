@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::Isa;
-use crate::dense::float_head_cpu_fwd;
+use crate::dense::{float_head_cpu_fwd, row_parallel};
 use crate::quant::round_ties_even_small;
 
 /// A row-major int8 matrix with one scale per row.
@@ -90,36 +90,10 @@ impl I8Matrix {
     /// # Panics
     /// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
     pub fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
-        assert!(
-            Isa::available().contains(&isa),
-            "{isa:?} is not supported by this CPU"
-        );
-        let tokens = x.len().checked_div(self.cols).unwrap_or(0);
-        assert_eq!(
-            x.len(),
-            tokens * self.cols,
-            "input does not match the matrix width"
-        );
-        assert_eq!(
-            out.len(),
-            self.rows * tokens,
-            "output does not match [rows, tokens]"
-        );
-        if tokens == 0 || self.rows == 0 {
-            return;
-        }
         let c = self.cols;
-        out.par_chunks_mut(64 * tokens)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                for (i, o) in out.chunks_exact_mut(tokens).enumerate() {
-                    let r = chunk * 64 + i;
-                    let w = &self.data[r * c..(r + 1) * c];
-                    for (t, o) in o.iter_mut().enumerate() {
-                        *o = self.scales[r] * dot(isa, w, &x[t * c..(t + 1) * c]);
-                    }
-                }
-            });
+        row_parallel(isa, self.rows, c, x, out, |r, xt| {
+            self.scales[r] * dot(isa, &self.data[r * c..(r + 1) * c], xt)
+        });
     }
 }
 

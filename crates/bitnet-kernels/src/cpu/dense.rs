@@ -6,29 +6,15 @@ use half::bf16;
 
 use super::Isa;
 
-/// `out[r · tokens + t] = Σ_k w[r,k] · x[t,k]` for the `out.len() / tokens` rows of `w`.
-pub(crate) fn dense_tile(
-    isa: Isa,
-    w: &[bf16],
-    cols: usize,
-    x: &[f32],
-    tokens: usize,
-    out: &mut [f32],
-) {
-    for (wr, out_r) in w.chunks_exact(cols).zip(out.chunks_exact_mut(tokens)) {
-        for (t, o) in out_r.iter_mut().enumerate() {
-            let xt = &x[t * cols..(t + 1) * cols];
-            *o = match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the ISA was checked to be available by the caller.
-                Isa::Avx512Vnni => unsafe { x86::dot_avx512(wr, xt) },
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 if std::arch::is_x86_feature_detected!("fma") => unsafe {
-                    x86::dot_avx2(wr, xt)
-                },
-                _ => dot_scalar(wr, xt),
-            };
-        }
+/// `Σ_k w[k] · x[k]` with f32 accumulation, on the best path `isa` allows.
+pub(crate) fn dot_bf16(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA was checked to be available by the caller.
+        Isa::Avx512Vnni => unsafe { x86::dot_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if std::arch::is_x86_feature_detected!("fma") => unsafe { x86::dot_avx2(w, x) },
+        _ => dot_scalar(w, x),
     }
 }
 

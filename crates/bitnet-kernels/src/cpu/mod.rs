@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::layout::{TernaryWeight, BLOCK, ROW_GROUP};
 use crate::quant::QuantizedActivations;
 
-pub(crate) use dense::dense_tile;
+pub(crate) use dense::dot_bf16;
 
 mod dense;
 #[cfg(target_arch = "aarch64")]
