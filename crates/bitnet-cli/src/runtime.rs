@@ -52,6 +52,13 @@ fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
 impl RuntimeArgs {
     /// Sizes the thread pool; call first, before any candle operation. Returns the thread count.
     pub fn init_threads(&self) -> Result<usize> {
+        // candle runs its element-wise CPU ops on a second pool whose idle workers spin; on a
+        // small machine they take cores from the rayon pool that every kernel of this project
+        // uses (prefill ran up to 2× slower). Our kernels do the heavy work, so candle's own
+        // pool gets no extra threads unless the user asks for them.
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
         if let Some(n) = self.threads {
             if n == 0 {
                 bail!("--threads 0: must be at least 1");

@@ -11,6 +11,7 @@
 //! - [`cpu`]: scalar, AVX2, AVX-512 VNNI and NEON products, chosen at run time;
 //! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op);
 //! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16);
+//! - [`RmsNormOp`]: RMSNorm in one CPU pass, with transformers' rounding points;
 //! - [`I8LinearOp`]: an int8-weight LM head (per-row scales), half the bytes of BF16;
 //! - `cuda` (feature `cuda`): both ops on CUDA tensors, with the kernels exposed for tests.
 
@@ -18,6 +19,7 @@ mod dense;
 mod error;
 mod int8;
 mod layout;
+mod norm;
 mod op;
 
 pub mod cpu;
@@ -30,4 +32,5 @@ pub use dense::{Bf16LinearOp, Bf16Matrix};
 pub use error::{KernelError, Result};
 pub use int8::{I8LinearOp, I8Matrix};
 pub use layout::{TernaryWeight, BLOCK};
+pub use norm::RmsNormOp;
 pub use op::{BitLinearOp, ScaleConvention};

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
+use rayon::prelude::*;
 
 use crate::cpu::{ternary_matmul, Isa};
 use crate::error::KernelError;
@@ -88,7 +89,7 @@ impl BitLinearOp {
         }
     }
 
-    fn run<T>(&self, x: &[T], out: impl Fn(f32) -> T) -> Vec<T>
+    fn run<T>(&self, x: &[T], out: impl Fn(f32) -> T + Sync) -> Vec<T>
     where
         T: Copy + Into<f32> + Send + Sync + 'static,
     {
@@ -102,10 +103,20 @@ impl BitLinearOp {
             acts.quantize(x, tokens, k, self.weight.padded_in_features());
             acc.resize(n * tokens, 0);
             ternary_matmul(Isa::detect(), &self.weight, acts, acc);
-            let factors: Vec<f32> = acts.scales().iter().map(|&s| self.rescale(s)).collect();
-            let mut y = Vec::with_capacity(n * tokens);
-            for (t, &f) in factors.iter().enumerate() {
-                y.extend((0..n).map(|o| out(acc[o * tokens + t] as f32 * f)));
+            let mut y = vec![out(0.0); n * tokens];
+            let rescale = |((y, acc), &s): ((&mut [T], &[i32]), &f32)| {
+                let f = self.rescale(s);
+                for (y, &a) in y.iter_mut().zip(acc) {
+                    *y = out(a as f32 * f);
+                }
+            };
+            let (n1, scales) = (n.max(1), acts.scales());
+            if tokens > 1 {
+                let rows = y.par_chunks_mut(n1).zip(acc.par_chunks(n1));
+                rows.zip(scales).for_each(rescale);
+            } else {
+                let rows = y.chunks_mut(n1).zip(acc.chunks(n1));
+                rows.zip(scales).for_each(rescale);
             }
             y
         })

@@ -6,7 +6,9 @@
 
 /// Quantizes one token's activations into `q` (same length) and returns the scale `s`.
 ///
-/// The caller divides integer results by `s` to get back to activation units.
+/// The caller divides integer results by `s` to get back to activation units. This is the
+/// portable definition; [`QuantizedActivations`] runs the SIMD twin
+/// ([`crate::cpu::quantize_activations`]), which is tested to be bit-identical.
 #[inline]
 pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
     debug_assert_eq!(x.len(), q.len());
@@ -97,6 +99,7 @@ impl QuantizedActivations {
         self.q.resize(tokens * k_pad, 0);
         self.scales.resize(tokens, 0.0);
         self.sums.resize(tokens, 0);
+        let isa = crate::cpu::Isa::detect();
         let quantize_one = |(((xr, qr), s), sum): RowOut<'_, T>| {
             let row: Vec<f32>;
             let xf: &[f32] = match as_f32(xr) {
@@ -106,8 +109,7 @@ impl QuantizedActivations {
                     &row
                 }
             };
-            *s = quantize_row(xf, &mut qr[..k]);
-            *sum = qr[..k].iter().map(|&v| v as i32).sum();
+            (*s, *sum) = crate::cpu::quantize_activations(isa, xf, &mut qr[..k]);
         };
         let (kc, kp) = (k.max(1), k_pad.max(1));
         if tokens > 1 {

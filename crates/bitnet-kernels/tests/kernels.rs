@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use bitnet_kernels::cpu::{ternary_matmul, Isa};
+use bitnet_kernels::cpu::{quantize_activations, ternary_matmul, Isa};
 use bitnet_kernels::pack::{pack_ternary, unpack_ternary};
 use bitnet_kernels::quant::{quantize_row, QuantizedActivations};
-use bitnet_kernels::{BitLinearOp, KernelError, ScaleConvention, TernaryWeight};
+use bitnet_kernels::{BitLinearOp, KernelError, RmsNormOp, ScaleConvention, TernaryWeight};
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -37,7 +37,7 @@ fn naive_matmul(t: &[i8], out: usize, inp: usize, acts: &QuantizedActivations) -
     for o in 0..out {
         for tok in 0..tokens {
             let q = &acts.values()[tok * kp..][..inp];
-            y[o * tokens + tok] = (0..inp).map(|k| t[o * inp + k] as i32 * q[k] as i32).sum();
+            y[tok * out + o] = (0..inp).map(|k| t[o * inp + k] as i32 * q[k] as i32).sum();
         }
     }
     y
@@ -76,6 +76,34 @@ proptest! {
             let mut y = vec![0i32; out * tokens];
             ternary_matmul(isa, &w, &acts, &mut y);
             prop_assert_eq!(&y, &expected, "{:?}", isa);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every instruction set's activation quantization equals the portable definition bit for
+    /// bit, on ragged lengths (below and across the SIMD widths) with outliers and exact ties.
+    #[test]
+    fn simd_quantization_matches_scalar(len in 0usize..200, seed in any::<u64>()) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut x = random_acts(&mut rng, len);
+        // Values landing exactly on .5 after scaling exercise ties-to-even: with absmax 127
+        // the scale is 1.
+        for (i, v) in x.iter_mut().enumerate().filter(|(i, _)| i % 5 == 1) {
+            *v = (i % 40) as f32 - 20.5;
+        }
+        if let Some(first) = x.first_mut() {
+            *first = 127.0;
+        }
+        let mut expected = vec![0i8; len];
+        let s = quantize_row(&x, &mut expected);
+        let sum: i32 = expected.iter().map(|&v| v as i32).sum();
+        for isa in Isa::available() {
+            let mut q = vec![0i8; len];
+            prop_assert_eq!(quantize_activations(isa, &x, &mut q), (s, sum), "{:?}", isa);
+            prop_assert_eq!(&q, &expected, "{:?}", isa);
         }
     }
 }
@@ -319,4 +347,56 @@ fn int8_head_matches_scalar_and_approximates_bf16() {
             }
         }
     }
+}
+
+/// The one-pass RMSNorm against transformers' formula composed from candle ops (f32 sums in
+/// another order, so within a few ulps), in f32 and bf16, on a ragged hidden size.
+#[test]
+fn rms_norm_matches_composed_reference() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (tokens, h, eps) = (7, 301, 1e-5);
+    let x = Tensor::from_vec(
+        random_acts(&mut rng, tokens * h),
+        (1, tokens, h),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let w: Vec<f32> = (0..h).map(|_| rng.random_range(0.5..1.5)).collect();
+    let w = Tensor::from_vec(w, h, &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let (x, w) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+        let xf = x.to_dtype(DType::F32).unwrap();
+        let inv = (xf.sqr().unwrap().mean_keepdim(2).unwrap() + eps)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .recip()
+            .unwrap();
+        let reference = xf
+            .broadcast_mul(&inv)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap();
+        let got = RmsNormOp::new(eps).forward(&x, &w).unwrap();
+        assert_eq!((got.dims(), got.dtype()), (reference.dims(), dtype));
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let tol = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+        for (i, (a, b)) in flat(&got).iter().zip(flat(&reference)).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1.0),
+                "{dtype:?} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+    let bad = Tensor::zeros(h + 1, DType::F32, &Device::Cpu).unwrap();
+    assert!(RmsNormOp::new(eps).forward(&x, &bad).is_err());
 }

@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16Matrix, I8Matrix};
+use bitnet_kernels::{Bf16Matrix, I8Matrix, RmsNormOp};
 use candle_core::{DType, Device, Module, Tensor, D};
 use half::bf16;
 
@@ -183,6 +183,10 @@ impl Module for RmsNorm {
         // transformers' LlamaRMSNorm op for op: h = x·rsqrt(mean(x²) + eps) in f32, cast, then
         // weight·h. (candle's fused rms_norm rounds differently; on these models a last-bit
         // difference can flip an int8 activation rounding downstream, so the order matters.)
+        // On the CPU the kernel crate does the same in one pass.
+        if x.device().is_cpu() {
+            return RmsNormOp::new(self.eps).forward(x, &self.weight);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -15,10 +15,12 @@ use crate::layout::{TernaryWeight, BLOCK, ROW_GROUP};
 use crate::quant::QuantizedActivations;
 
 pub(crate) use dense::dot_bf16;
+pub use quant::quantize_activations;
 
 mod dense;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod quant;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -54,6 +56,20 @@ impl Isa {
 
     /// All instruction sets usable on this CPU, worst to best; always starts with `Scalar`.
     pub fn available() -> Vec<Isa> {
+        Isa::detected().to_vec()
+    }
+
+    /// Whether this CPU can run `self` (no allocation: kernels check it on every call).
+    pub fn is_available(self) -> bool {
+        Isa::detected().contains(&self)
+    }
+
+    fn detected() -> &'static [Isa] {
+        static ISAS: OnceLock<Vec<Isa>> = OnceLock::new();
+        ISAS.get_or_init(Isa::probe)
+    }
+
+    fn probe() -> Vec<Isa> {
         #[allow(unused_mut)]
         let mut isas = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
@@ -102,20 +118,18 @@ pub(crate) trait Tile {
     ) -> [[i32; T]; R];
 }
 
-/// Exact ternary products: `out[o · tokens + t] = Σ_k W[o,k] · q[t,k]` (note the
-/// output-row-major order, which lets threads own contiguous slices of `out`).
+/// Exact ternary products: `out[t · out_features + o] = Σ_k W[o,k] · q[t,k]`, token-major like
+/// the layer's output tensor, so the caller rescales contiguous rows.
 ///
-/// Splits output rows across the current rayon pool. One token takes the GEMV tiles, more take
+/// Splits output rows across the current rayon pool (each task writes its own column range of
+/// every token's row). One token takes the GEMV tiles, more take
 /// the GEMM tiles, which reuse each decoded weight vector for several tokens.
 ///
 /// # Panics
 /// If `isa` is not supported by this CPU (use [`Isa::available`]), or if the shapes disagree:
 /// both are programming errors, which [`crate::BitLinearOp`] rules out before calling.
 pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, out: &mut [i32]) {
-    assert!(
-        Isa::available().contains(&isa),
-        "{isa:?} is not supported by this CPU"
-    );
+    assert!(isa.is_available(), "{isa:?} is not supported by this CPU");
     let (rows, tokens) = (w.out_features(), acts.tokens());
     assert_eq!(
         acts.padded_len(),
@@ -133,10 +147,15 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
     // A few chunks per thread balance the load; chunks are multiples of 4 rows (the tile height).
     let chunks = rayon::current_num_threads() * 4;
     let chunk_rows = rows.div_ceil(chunks).next_multiple_of(4).max(16);
-    out.par_chunks_mut(chunk_rows * tokens)
-        .enumerate()
-        .for_each(|(i, out)| {
+    let out = OutPtr(out.as_mut_ptr());
+    (0..rows.div_ceil(chunk_rows))
+        .into_par_iter()
+        .for_each(|i| {
             let r0 = i * chunk_rows;
+            let n = chunk_rows.min(rows - r0);
+            // SAFETY: `out` holds `rows × tokens` values (asserted above) and task `i` writes
+            // only columns `r0 .. r0 + n` of each token's row, which no other task touches.
+            let out = unsafe { ChunkOut::new(&out, r0, n, tokens, rows) };
             let run = match (isa, tokens) {
                 (Isa::Scalar, _) => rows_tiled::<scalar::Scalar, 1, 1>,
                 #[cfg(target_arch = "x86_64")]
@@ -158,20 +177,57 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
         });
 }
 
+/// The output buffer, shared by the tasks of [`ternary_matmul`].
+struct OutPtr(*mut i32);
+
+// SAFETY: tasks write disjoint elements (see `ChunkOut`).
+unsafe impl Sync for OutPtr {}
+
+/// Columns `r0 .. r0 + rows` of every token's row of a token-major `[tokens, stride]` output.
+struct ChunkOut {
+    base: *mut i32,
+    rows: usize,
+    tokens: usize,
+    stride: usize,
+}
+
+impl ChunkOut {
+    /// # Safety
+    /// The buffer must hold `tokens × stride` values with `r0 + rows ≤ stride`, and no one else
+    /// may access these columns while this lives.
+    unsafe fn new(out: &OutPtr, r0: usize, rows: usize, tokens: usize, stride: usize) -> Self {
+        Self {
+            // SAFETY: `r0 < stride`, within the buffer.
+            base: unsafe { out.0.add(r0) },
+            rows,
+            tokens,
+            stride,
+        }
+    }
+
+    /// Writes row `r` (chunk-relative) of token `t`.
+    #[inline(always)]
+    fn set(&mut self, r: usize, t: usize, v: i32) {
+        assert!(r < self.rows && t < self.tokens);
+        // SAFETY: `r` is within the chunk and `t` a token of the buffer (constructor contract).
+        unsafe { *self.base.add(t * self.stride + r) = v };
+    }
+}
+
 /// Tokens per cache block in the GEMM path: the quantized block stays in L1/L2 while the
 /// chunk's weight rows stream past it.
 const TOKEN_BLOCK: usize = 16;
 
-/// Computes rows `r0 .. r0 + out.len() / tokens` with `R × T` tiles, falling back to 1-high /
+/// Computes rows `r0 .. r0 + out.rows` with `R × T` tiles, falling back to 1-high /
 /// 1-wide tiles at ragged edges.
 fn rows_tiled<K: Tile, const R: usize, const T: usize>(
     w: &TernaryWeight,
     r0: usize,
     acts: &QuantizedActivations,
-    out: &mut [i32],
+    mut out: ChunkOut,
 ) {
     let tokens = acts.tokens();
-    let rows = out.len() / tokens;
+    let rows = out.rows;
     let nb = w.blocks_per_row();
     debug_assert_eq!(acts.padded_len(), nb * BLOCK);
     debug_assert!(r0.is_multiple_of(ROW_GROUP) && ROW_GROUP.is_multiple_of(R));
@@ -190,7 +246,7 @@ fn rows_tiled<K: Tile, const R: usize, const T: usize>(
                 let mut emit = |acc: &[i32], rr: usize, tt: usize| {
                     for i in 0..rr {
                         for j in 0..tt {
-                            out[(r + i) * tokens + t + j] = acc[i * tt + j] - sums[t + j];
+                            out.set(r + i, t + j, acc[i * tt + j] - sums[t + j]);
                         }
                     }
                 };
