@@ -289,6 +289,25 @@ fn perplexity_matches_transformers() {
         "q8 {q8_mean} vs exact {mean}"
     );
 
+    // The 4-bit head too, more loosely: on this random model (|logits| up to 20) the tied
+    // embedding, quantized with the head, moves the mean NLL by ~0.36; the head alone by ~0.01.
+    let o = ok(run(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        file.to_str().unwrap(),
+        "--head",
+        "q4",
+        "--json",
+    ]));
+    let q4: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let q4_mean = q4["mean_nll"].as_f64().unwrap();
+    assert!(
+        q4_mean != mean && (q4_mean - mean).abs() < 0.6,
+        "q4 {q4_mean} vs exact {mean}"
+    );
+
     // Human-readable form.
     let o = ok(run(&[
         "perplexity",

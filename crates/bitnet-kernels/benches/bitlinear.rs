@@ -1,5 +1,6 @@
-//! BitLinear vs candle's f32 matmul at the BitNet b1.58 2B-4T shapes, plus this machine's
-//! streaming read bandwidth, measured in the same run.
+//! BitLinear vs candle's f32 matmul at the BitNet b1.58 2B-4T shapes, the 2B-4T LM head in each
+//! `--head` format (BF16, int8, 4-bit), plus this machine's streaming read bandwidth, measured
+//! in the same run.
 //!
 //! `cargo bench -p bitnet-kernels` runs everything through criterion, then prints one table
 //! built from criterion's medians. Every iteration uses a different copy of the weights, cycling
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bitnet_kernels::cpu::Isa;
-use bitnet_kernels::{BitLinearOp, ScaleConvention, TernaryWeight};
+use bitnet_kernels::{Bf16Matrix, BitLinearOp, I8Matrix, Q4Matrix, ScaleConvention, TernaryWeight};
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use rand::rngs::StdRng;
@@ -23,6 +24,10 @@ const BATCHES: [usize; 2] = [1, 128];
 const THREADS: [usize; 2] = [1, 2];
 /// Bytes of weights to cycle through per benchmark: well above any LLC on the test machines.
 const WORKING_SET: usize = 384 << 20;
+/// The 2B-4T LM head (the tied embedding): vocabulary × hidden. Each format is larger than any
+/// LLC (174 MB at 4 bits), so one copy streams from DRAM.
+const HEAD: (usize, usize) = (128256, 2560);
+const HEADS: [&str; 3] = ["bf16", "q8", "q4"];
 
 fn main() {
     let quick = std::env::var_os("BITNET_BENCH_QUICK").is_some();
@@ -36,6 +41,7 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(1);
 
     bench_stream(&mut c);
+    let head_bytes = bench_heads(&mut c, &mut rng);
     for &(inp, out) in &SHAPES {
         let copies = (WORKING_SET / (out * inp / 4)).max(2);
         let weights: Vec<Arc<TernaryWeight>> = (0..copies)
@@ -87,7 +93,44 @@ fn main() {
         }
     }
     c.final_summary();
-    print_table(&out_dir);
+    print_table(&out_dir, &head_bytes);
+}
+
+/// One token through the LM head in each format (the GEMV of every decoding step); returns
+/// each format's bytes.
+fn bench_heads(c: &mut Criterion, rng: &mut StdRng) -> [usize; 3] {
+    let (rows, cols) = HEAD;
+    let w: Vec<half::bf16> = (0..rows * cols)
+        .map(|_| half::bf16::from_f32(rng.random_range(-0.05..0.05)))
+        .collect();
+    let q8 = I8Matrix::quantize(&w, rows, cols).expect("int8 head");
+    let q4 = Q4Matrix::quantize(&w, rows, cols).expect("4-bit head");
+    let bf16 = Bf16Matrix::new(w, rows, cols).expect("bf16 head");
+    let bytes = [bf16.storage_bytes(), q8.storage_bytes(), q4.storage_bytes()];
+    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut out = vec![0f32; rows];
+    let isa = Isa::detect();
+    for &threads in &THREADS {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        let mut g = c.benchmark_group(format!("head_t{threads}"));
+        g.throughput(Throughput::Elements((rows * cols) as u64));
+        for name in HEADS {
+            g.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| {
+                    pool.install(|| match name {
+                        "bf16" => bf16.matmul(isa, &x, &mut out),
+                        "q8" => q8.matmul(isa, &x, &mut out),
+                        _ => q4.matmul(isa, &x, &mut out),
+                    })
+                })
+            });
+        }
+        g.finish();
+    }
+    bytes
 }
 
 /// Streaming read bandwidth: sum a buffer far larger than the caches, split across threads.
@@ -134,7 +177,7 @@ fn median(dir: &Path, group: &str, id: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|ns| ns * 1e-9)
 }
 
-fn print_table(dir: &Path) {
+fn print_table(dir: &Path, head_bytes: &[usize; 3]) {
     let isa = Isa::detect().name();
     let stream: Vec<Option<f64>> = THREADS
         .iter()
@@ -174,6 +217,24 @@ fn print_table(dir: &Path) {
                     theirs / ours
                 );
             }
+        }
+    }
+    let (rows, cols) = HEAD;
+    println!("\nLM head {rows}×{cols}, one token ({isa}) — medians, weights streamed from DRAM");
+    println!("\n| head | MB | threads | time | GB/s | % stream |");
+    println!("|---|---|---|---|---|---|");
+    for (name, bytes) in HEADS.iter().zip(head_bytes) {
+        for (ti, &threads) in THREADS.iter().enumerate() {
+            let Some(t) = median(dir, &format!("head_t{threads}"), name) else {
+                continue;
+            };
+            let gbs = *bytes as f64 / t / 1e9;
+            let pct = stream[ti].map_or("n/a".into(), |s| format!("{:.0}%", 100.0 * gbs / s));
+            println!(
+                "| {name} | {:.0} | {threads} | {:.2} ms | {gbs:.1} | {pct} |",
+                *bytes as f64 / 1e6,
+                t * 1e3
+            );
         }
     }
 }

@@ -387,3 +387,46 @@ __device__ void dense_bf16(const __nv_bfloat16* __restrict__ w, const XT* __rest
     DENSE(5, NAME, XT) DENSE(6, NAME, XT) DENSE(7, NAME, XT) DENSE(8, NAME, XT)
 DENSE_ALL(f32, float)
 DENSE_ALL(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// (f) RMSNorm, one block per token (src/norm.rs): h = x * (1 / sqrt(mean(x^2) + eps)) in f32,
+// rounded to T, then y = w * h rounded to T — transformers' LlamaRMSNorm rounding points. One
+// launch instead of the eight candle ops it replaces.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+template <typename T>
+__device__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                              int h, float eps) {
+    __shared__ float red[32];
+    const T* xr = x + (size_t)blockIdx.x * h;
+    T* yr = y + (size_t)blockIdx.x * h;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const float v = to_f32(xr[i]);
+        ss = __fadd_rn(ss, __fmul_rn(v, v));
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int i = 0; i < warps; ++i) total += red[i];
+    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, (float)h), eps)));
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        const float n = round_to(__fmul_rn(to_f32(xr[i]), inv), T());
+        store_out(yr, i, __fmul_rn(to_f32(w[i]), n));
+    }
+}
+
+extern "C" __global__ void bitnet_rms_norm_f32(const float* x, const float* w, float* y, int h,
+                                               float eps) {
+    rms_norm_rows(x, w, y, h, eps);
+}
+extern "C" __global__ void bitnet_rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                __nv_bfloat16* y, int h, float eps) {
+    rms_norm_rows(x, w, y, h, eps);
+}

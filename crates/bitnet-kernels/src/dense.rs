@@ -77,7 +77,7 @@ impl Bf16Matrix {
 
 /// The driver shared by the head matrices: checks the shapes, then fills
 /// `out[r · tokens + t] = dot(r, x_t)` for every row and token (`x` is `tokens × cols`), in
-/// chunks of 64 rows across the current rayon pool.
+/// chunks of [`CHUNK_ROWS`] rows across the current rayon pool.
 ///
 /// # Panics
 /// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
@@ -89,6 +89,31 @@ pub(crate) fn row_parallel(
     out: &mut [f32],
     dot: impl Fn(usize, &[f32]) -> f32 + Sync,
 ) {
+    let tokens = check_head_shapes(isa, rows, cols, x, out);
+    row_chunks(rows, tokens, out, |r0, out| {
+        for (i, o) in out.chunks_exact_mut(tokens).enumerate() {
+            for (t, o) in o.iter_mut().enumerate() {
+                *o = dot(r0 + i, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+    });
+}
+
+/// Rows per task of [`row_chunks`] (a multiple of the q4 head's 4-row groups).
+pub(crate) const CHUNK_ROWS: usize = 64;
+
+/// Checks a head product's arguments (`x` is `tokens × cols`, `out` is `[rows, tokens]`) and
+/// returns the token count.
+///
+/// # Panics
+/// If `isa` is unavailable or the buffers do not match the shapes (programming errors).
+pub(crate) fn check_head_shapes(
+    isa: Isa,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    out: &[f32],
+) -> usize {
     assert!(
         Isa::available().contains(&isa),
         "{isa:?} is not supported by this CPU"
@@ -104,20 +129,24 @@ pub(crate) fn row_parallel(
         rows * tokens,
         "output does not match [rows, tokens]"
     );
+    tokens
+}
+
+/// Splits an output-row-major `[rows, tokens]` buffer into chunks of [`CHUNK_ROWS`] rows and
+/// calls `chunk(first_row, rows_of_out)` for each across the current rayon pool.
+pub(crate) fn row_chunks(
+    rows: usize,
+    tokens: usize,
+    out: &mut [f32],
+    chunk: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    debug_assert_eq!(out.len(), rows * tokens);
     if tokens == 0 || rows == 0 {
         return;
     }
-    const CHUNK_ROWS: usize = 64;
     out.par_chunks_mut(CHUNK_ROWS * tokens)
         .enumerate()
-        .for_each(|(chunk, out)| {
-            for (i, o) in out.chunks_exact_mut(tokens).enumerate() {
-                let r = chunk * CHUNK_ROWS + i;
-                for (t, o) in o.iter_mut().enumerate() {
-                    *o = dot(r, &x[t * cols..(t + 1) * cols]);
-                }
-            }
-        });
+        .for_each(|(i, out)| chunk(i * CHUNK_ROWS, out));
 }
 
 /// `y = x · Wᵀ` for a [`Bf16Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32.
@@ -172,9 +201,9 @@ impl CustomOp1 for Bf16LinearOp {
     }
 }
 
-/// The `cpu_fwd` shared by the LM-head ops ([`Bf16LinearOp`], [`crate::I8LinearOp`]): checks
-/// the input, widens it to f32, runs `matmul` (output-row-major `[rows, tokens]`) and returns
-/// `[..., rows]` f32.
+/// The `cpu_fwd` shared by the LM-head ops ([`Bf16LinearOp`], [`crate::I8LinearOp`],
+/// [`crate::Q4LinearOp`]): checks the input, widens it to f32, runs `matmul`
+/// (output-row-major `[rows, tokens]`) and returns `[..., rows]` f32.
 pub(crate) fn float_head_cpu_fwd(
     name: &str,
     rows: usize,

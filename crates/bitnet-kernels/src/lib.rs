@@ -13,6 +13,8 @@
 //! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16);
 //! - [`RmsNormOp`]: RMSNorm in one CPU pass, with transformers' rounding points;
 //! - [`I8LinearOp`]: an int8-weight LM head (per-row scales), half the bytes of BF16;
+//! - [`Q4LinearOp`]: a 4-bit LM head (f16 scale per 64 columns, int8 activations), about a
+//!   quarter of the bytes of BF16, on the int8 dot-product instructions;
 //! - `cuda` (feature `cuda`): both ops on CUDA tensors, with the kernels exposed for tests.
 
 mod dense;
@@ -21,6 +23,7 @@ mod int8;
 mod layout;
 mod norm;
 mod op;
+mod q4;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -34,3 +37,4 @@ pub use int8::{I8LinearOp, I8Matrix};
 pub use layout::{TernaryWeight, BLOCK};
 pub use norm::RmsNormOp;
 pub use op::{BitLinearOp, ScaleConvention};
+pub use q4::{Q4LinearOp, Q4Matrix, Q4_BLOCK};

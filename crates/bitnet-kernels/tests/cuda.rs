@@ -356,6 +356,50 @@ fn bf16_head_matches_cpu() {
 }
 
 /// Small shapes through every kernel, for `compute-sanitizer` (memcheck / racecheck) runs.
+/// RMSNorm on the GPU against the CPU op: f32 sums of squares in another order, so within
+/// 1e-5 relative (f32), or up to two bf16 steps (bf16: the normalized value and the product
+/// are each rounded, and either may land on the other side of a boundary).
+#[test]
+fn rms_norm_matches_cpu() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for &(tokens, h) in &[(1usize, 2560usize), (7, 301), (128, 6912), (3, 64)] {
+        let x: Vec<f32> = (0..tokens * h)
+            .map(|_| rng.random_range(-4.0..4.0))
+            .collect();
+        let w: Vec<f32> = (0..h).map(|_| rng.random_range(0.5..1.5)).collect();
+        let x = Tensor::from_vec(x, (tokens, h), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(w, h, &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, w) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+            let op = bitnet_kernels::RmsNormOp::new(1e-5);
+            let cpu = op.forward(&x, &w).unwrap();
+            let gpu_out = op
+                .forward(&x.to_device(gpu()).unwrap(), &w.to_device(gpu()).unwrap())
+                .unwrap();
+            assert_eq!(gpu_out.dtype(), dtype);
+            let flat = |t: &Tensor| {
+                t.to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            for (i, (a, b)) in flat(&gpu_out).iter().zip(flat(&cpu)).enumerate() {
+                // f32: the mean of squares may differ in its last bits (summation order).
+                let ok = if dtype == DType::F32 {
+                    (a - b).abs() <= 1e-5 * b.abs().max(1e-3)
+                } else {
+                    ulps(*a, b) <= 2 << 16
+                };
+                assert!(ok, "{dtype:?} {tokens}x{h} [{i}]: {a} vs {b}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sanitizer_smoke() {
     let dev = gpu();

@@ -97,6 +97,10 @@ proptest! {
         if let Some(first) = x.first_mut() {
             *first = 127.0;
         }
+        // NaN is ignored by the absmax and quantizes to 0 on every path (as on CUDA).
+        if len > 3 && seed % 2 == 0 {
+            x[len / 2] = f32::NAN;
+        }
         let mut expected = vec![0i8; len];
         let s = quantize_row(&x, &mut expected);
         let sum: i32 = expected.iter().map(|&v| v as i32).sum();

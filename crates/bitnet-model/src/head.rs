@@ -9,11 +9,17 @@
 //! candle's own BF16 matmul would widen the whole matrix to f32 on every call. Many rows at
 //! once (`forward_all`, perplexity) go through candle's f32 matmul instead, a block of
 //! vocabulary rows at a time. A tied head shares the embedding's matrix.
+//!
+//! [`HeadFormat::Q8`] and [`HeadFormat::Q4`] quantize the head (and a tied embedding with it)
+//! at load time to the kernel crate's [`I8Matrix`] / [`Q4Matrix`], trading a little accuracy
+//! for fewer bytes read per generated token; both run on the CPU only, through their own ops
+//! for any number of rows, and the embedding dequantizes the rows it gathers.
 
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, I8LinearOp, I8Matrix};
+use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, I8LinearOp, I8Matrix, Q4LinearOp, Q4Matrix};
 use candle_core::{DType, Device, Tensor};
+use half::bf16;
 
 /// Token rows up to which the head uses the GEMV kernel; beyond, a blocked f32 matmul wins.
 const GEMV_MAX_ROWS: usize = 8;
@@ -29,6 +35,30 @@ pub enum HeadFormat {
     /// Int8 weights with one scale per row, f32 activations: half the bytes per generated
     /// token of BF16, at a small perplexity cost (docs/BENCHMARKS.md).
     Q8,
+    /// 4-bit weights with an f16 scale per 64 columns, activations quantized to int8 per 64
+    /// columns: about a quarter of the bytes per generated token of BF16 (2B-4T: 174 MB),
+    /// at a larger perplexity cost than [`HeadFormat::Q8`] (docs/BENCHMARKS.md).
+    Q4,
+}
+
+impl HeadFormat {
+    /// The table of a head in this format, from its BF16 values (`[rows, cols]`, row-major):
+    /// quantized for [`HeadFormat::Q8`] and [`HeadFormat::Q4`], kept as BF16 for
+    /// [`HeadFormat::Exact`]. Fails if the length does not match the shape.
+    pub(crate) fn table(
+        self,
+        values: &[bf16],
+        rows: usize,
+        cols: usize,
+    ) -> bitnet_kernels::Result<Table> {
+        Ok(match self {
+            HeadFormat::Exact => {
+                Table::Bf16(Arc::new(Bf16Matrix::new(values.to_vec(), rows, cols)?))
+            }
+            HeadFormat::Q8 => Table::Q8(Arc::new(I8Matrix::quantize(values, rows, cols)?)),
+            HeadFormat::Q4 => Table::Q4(Arc::new(Q4Matrix::quantize(values, rows, cols)?)),
+        })
+    }
 }
 
 /// A `[rows, cols]` float table.
@@ -40,6 +70,8 @@ pub(crate) enum Table {
     F32(Tensor),
     /// Int8 rows with per-row scales on the CPU ([`HeadFormat::Q8`]).
     Q8(Arc<I8Matrix>),
+    /// 4-bit rows with f16 block scales on the CPU ([`HeadFormat::Q4`]).
+    Q4(Arc<Q4Matrix>),
 }
 
 /// Token embedding: rows of a [`Table`], cast to the model dtype.
@@ -68,6 +100,7 @@ impl Embedding {
                 m.row(i).map(|r| r.iter().map(|v| v.to_f32()).collect())
             }),
             Table::Q8(m) => self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i)),
+            Table::Q4(m) => self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i)),
         }
     }
 
@@ -109,7 +142,7 @@ impl LmHead {
     pub(crate) fn new(table: Table) -> Self {
         let op = match &table {
             Table::Bf16(m) => Some(Bf16LinearOp::new(m.clone())),
-            Table::F32(_) | Table::Q8(_) => None,
+            Table::F32(_) | Table::Q8(_) | Table::Q4(_) => None,
         };
         Self { table, op }
     }
@@ -121,6 +154,7 @@ impl LmHead {
         match (&self.table, &self.op) {
             (Table::F32(w), _) => x.matmul(&w.t()?),
             (Table::Q8(w), _) => I8LinearOp::new(w.clone()).forward(&x),
+            (Table::Q4(w), _) => Q4LinearOp::new(w.clone()).forward(&x),
             (Table::Bf16(_), Some(op)) if m <= GEMV_MAX_ROWS || !x.device().is_cpu() => {
                 op.forward(&x)
             }
@@ -194,5 +228,59 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert_eq!(d, 0.0);
+    }
+
+    #[test]
+    fn quantized_heads_use_their_kernels_and_rows() {
+        let dev = Device::Cpu;
+        let (rows, cols) = (300, 96);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+        assert!(matches!(
+            HeadFormat::Exact.table(&values, rows, cols),
+            Ok(Table::Bf16(_))
+        ));
+        for format in [HeadFormat::Exact, HeadFormat::Q8, HeadFormat::Q4] {
+            assert!(format.table(&values, rows, 95).is_err());
+        }
+        let q4 = Q4Matrix::quantize(&values, rows, cols).unwrap();
+        let q8 = I8Matrix::quantize(&values, rows, cols).unwrap();
+        for format in [HeadFormat::Q8, HeadFormat::Q4] {
+            let table = format.table(&values, rows, cols).unwrap();
+            let head = LmHead::new(table.clone());
+            for m in [1, GEMV_MAX_ROWS + 5] {
+                let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
+                let got = head.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut want = vec![0f32; rows * m];
+                let isa = bitnet_kernels::cpu::Isa::detect();
+                match format {
+                    HeadFormat::Q4 => q4.matmul(isa, &xs, &mut want),
+                    _ => q8.matmul(isa, &xs, &mut want),
+                }
+                for t in 0..m {
+                    for r in 0..rows {
+                        assert_eq!(got[t][r], want[r * m + t], "{format:?} m = {m}");
+                    }
+                }
+            }
+            let emb = Embedding::new(table, DType::F32, &dev);
+            let got = emb
+                .forward(&Tensor::new(&[7u32, 0, 299], &dev).unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (row, id) in got.iter().zip([7, 0, 299]) {
+                let want = match format {
+                    HeadFormat::Q4 => q4.row_f32(id),
+                    _ => q8.row_f32(id),
+                };
+                assert_eq!(Some(row.clone()), want, "{format:?} id {id}");
+            }
+            assert!(emb.forward(&Tensor::new(&[300u32], &dev).unwrap()).is_err());
+        }
     }
 }

@@ -33,8 +33,8 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16Matrix, I8Matrix, RmsNormOp};
-use candle_core::{DType, Device, Module, Tensor, D};
+use bitnet_kernels::{Bf16Matrix, RmsNormOp};
+use candle_core::{DType, Device, Module, Tensor};
 use half::bf16;
 
 use crate::bitlinear::{self, BitLinear, Stored};
@@ -76,9 +76,9 @@ impl Loader<'_> {
     /// or when the model runs in BF16 anyway (transformers rounds it too), else F32.
     fn table(&mut self, name: &str, shape: &[usize], is_head: bool) -> Result<Table> {
         let t = self.weights.get(name)?;
-        let table = if is_head && self.head == HeadFormat::Q8 {
+        let table = if is_head && self.head != HeadFormat::Exact {
             // Quantize straight from the mapped BF16 bytes when possible, so no full-precision
-            // copy of the head (2B-4T: 657 MB) ever exists next to the int8 one.
+            // copy of the head (2B-4T: 657 MB) ever exists next to the quantized one.
             // SAFETY: every bit pattern is a valid bf16; the checkpoint is little-endian, as
             // every machine this runs on.
             let (pre, mapped, post) = unsafe { t.data.align_to::<bf16>() };
@@ -98,9 +98,9 @@ impl Loader<'_> {
                     .collect();
                 &copied
             };
-            let m =
-                I8Matrix::quantize(values, shape[0], shape[1]).map_err(|e| t.bad(e.to_string()))?;
-            Table::Q8(Arc::new(m))
+            self.head
+                .table(values, shape[0], shape[1])
+                .map_err(|e| t.bad(e.to_string()))?
         } else if self.dtype == DType::BF16 || t.dtype == safetensors::Dtype::BF16 {
             let values: Vec<bf16> = if t.dtype == safetensors::Dtype::BF16 && t.shape == shape {
                 t.data
@@ -183,17 +183,8 @@ impl Module for RmsNorm {
         // transformers' LlamaRMSNorm op for op: h = x·rsqrt(mean(x²) + eps) in f32, cast, then
         // weight·h. (candle's fused rms_norm rounds differently; on these models a last-bit
         // difference can flip an int8 activation rounding downstream, so the order matters.)
-        // On the CPU the kernel crate does the same in one pass.
-        if x.device().is_cpu() {
-            return RmsNormOp::new(self.eps).forward(x, &self.weight);
-        }
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
-        xf.broadcast_mul(&inv)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
+        // The kernel crate's op does exactly that in one pass (CPU) or one launch (CUDA).
+        RmsNormOp::new(self.eps).forward(x, &self.weight)
     }
 }
 

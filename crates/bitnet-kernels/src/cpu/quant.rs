@@ -3,7 +3,8 @@
 //! The portable version compiles to scalar conversions and byte stores on baseline x86-64 and
 //! took ~4% of prefill. These compute the same f32 products and the same clamp, and round
 //! with the hardware conversion, whose default mode is ties-to-even like PyTorch's `round`.
-//! NaN inputs are not defined to agree (they are garbage in either case).
+//! NaN is treated as the portable code does (and the CUDA kernel): ignored by the absmax,
+//! quantized to 0.
 
 use super::Isa;
 use crate::quant::quantize_row as quantize_scalar;
@@ -13,7 +14,11 @@ use crate::quant::quantize_row as quantize_scalar;
 /// # Panics
 /// If the lengths differ or `isa` is not available on this CPU (programming errors).
 pub fn quantize_activations(isa: Isa, x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    assert_eq!(x.len(), q.len(), "quantize_activations: buffer lengths differ");
+    assert_eq!(
+        x.len(),
+        q.len(),
+        "quantize_activations: buffer lengths differ"
+    );
     assert!(isa.is_available(), "{isa:?} is not supported by this CPU");
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -60,7 +65,8 @@ mod x86 {
         let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
         let mut m = _mm512_setzero_ps();
         for i in (0..main).step_by(16) {
-            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xp.add(i))));
+            // `max_ps` returns its second operand when either is NaN: a NaN input leaves `m`.
+            m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(xp.add(i))), m);
         }
         let s = scale(absmax_tail(_mm512_reduce_max_ps(m), &x[main..]));
         let (sv, lo, hi) = (
@@ -71,6 +77,7 @@ mod x86 {
         let mut sum = _mm512_setzero_si512();
         for i in (0..main).step_by(16) {
             let v = _mm512_mul_ps(_mm512_loadu_ps(xp.add(i)), sv);
+            let v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), v); // NaN → 0
             let v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
             sum = _mm512_add_epi32(sum, v);
             _mm_storeu_si128(qp.add(i).cast(), _mm512_cvtsepi32_epi8(v));
@@ -90,7 +97,8 @@ mod x86 {
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
         let mut m = _mm256_setzero_ps();
         for i in (0..main).step_by(8) {
-            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xp.add(i)), abs_mask));
+            // `max_ps` returns its second operand when either is NaN: a NaN input leaves `m`.
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(xp.add(i)), abs_mask), m);
         }
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), m);
@@ -106,6 +114,7 @@ mod x86 {
         for i in (0..main).step_by(32) {
             let [a, b, c, d] = std::array::from_fn(|j| {
                 let v = _mm256_mul_ps(_mm256_loadu_ps(xp.add(i + 8 * j)), sv);
+                let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v)); // NaN → 0
                 _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi))
             });
             // Values are already within i8, so the saturating packs are exact; they interleave

@@ -426,3 +426,56 @@ pub(crate) fn bf16_linear_fwd(
         Shape::from(dims),
     ))
 }
+
+/// `RmsNormOp::cuda_fwd`: one block per token (`bitnet_rms_norm_*`), same dtype in and out.
+pub(crate) fn rms_norm_fwd(
+    eps: f32,
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (x0, x1) = contiguous(xl, "rms-norm")?;
+    let (w0, w1) = contiguous(wl, "rms-norm weight")?;
+    let h = xl.shape().dims().last().copied().unwrap_or(0);
+    if w1 - w0 != h {
+        candle_core::bail!(
+            "rms-norm: weight has {} values for hidden size {h}",
+            w1 - w0
+        );
+    }
+    let rows = (x1 - x0).checked_div(h).unwrap_or(0);
+    let dev = x.device().clone();
+    macro_rules! run {
+        ($x:expr, $w:expr, $t:ty, $name:literal) => {{
+            // SAFETY: the kernel writes every element.
+            let mut y = unsafe { dev.alloc::<$t>((x1 - x0).max(1))? };
+            if rows > 0 {
+                let (xs, ws) = ($x.slice(x0..x1), $w.slice(w0..w1));
+                let f = func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                let hi = i32_arg(h)?;
+                b.arg(&xs).arg(&ws).arg(&mut y).arg(&hi).arg(&eps);
+                let threads = if h >= 2048 { 256 } else { 128 };
+                // SAFETY: argument types and sizes match the kernel's signature.
+                unsafe { b.launch(cfg((rows, 1), threads)) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    let y = match (&x.slice, &w.slice) {
+        (CudaStorageSlice::F32(xs), CudaStorageSlice::F32(ws)) => {
+            run!(xs, ws, f32, "bitnet_rms_norm_f32")
+        }
+        (CudaStorageSlice::BF16(xs), CudaStorageSlice::BF16(ws)) => {
+            run!(xs, ws, bf16, "bitnet_rms_norm_bf16")
+        }
+        _ => candle_core::bail!(
+            "rms-norm: input {} and weight {} must both be f32 or both bf16",
+            x.dtype().as_str(),
+            w.dtype().as_str()
+        ),
+    };
+    Ok((y, xl.shape().clone()))
+}
