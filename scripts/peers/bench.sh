@@ -6,7 +6,7 @@
 # First run scripts/peers/build.sh (peers, models, target/release/bitnet). Use a quiet
 # machine: nothing else running, fixed clocks if you can. For each thread count and each peer
 # configuration it runs the peer's llama-bench, then immediately our `bitnet bench` with the
-# matching head (Q6_K head <-> our --head q8, F16 head <-> our --head exact), so drift hits
+# matching head (Q6_K head <-> our --head q4, F16 head <-> our --head exact), so drift hits
 # both sides of every ratio alike. Raw outputs go to $OUT (default
 # $PEERS_DIR/results/<date>-<time>/); the markdown table (scripts/peers/summarize.py) goes to
 # stdout and $OUT/table.md.
@@ -42,12 +42,12 @@ BN=$PEERS_DIR/BitNet/build/bin/llama-bench
 LC=$PEERS_DIR/llama.cpp/build/bin/llama-bench
 # id | engine | weights+head | llama-bench | model | extra llama-bench args | our --head
 CONFIGS=(
-    "ik-q6k|ik_llama.cpp|IQ2_BN + Q6_K|$IK|ik-iq2_bn-q6k.gguf||q8"
-    "ik-q6k-rtr|ik_llama.cpp -rtr 1|IQ2_BN + Q6_K|$IK|ik-iq2_bn-q6k.gguf|-rtr 1|q8"
+    "ik-q6k|ik_llama.cpp|IQ2_BN + Q6_K|$IK|ik-iq2_bn-q6k.gguf||q4"
+    "ik-q6k-rtr|ik_llama.cpp -rtr 1|IQ2_BN + Q6_K|$IK|ik-iq2_bn-q6k.gguf|-rtr 1|q4"
     "ik-f16-rtr|ik_llama.cpp -rtr 1|IQ2_BN + F16|$IK|ik-iq2_bn-f16.gguf|-rtr 1|exact"
-    "bitnetcpp-q6k|bitnet.cpp|I2_S + Q6_K|$BN|bitnetcpp-i2_s-q6k.gguf||q8"
+    "bitnetcpp-q6k|bitnet.cpp|I2_S + Q6_K|$BN|bitnetcpp-i2_s-q6k.gguf||q4"
     "bitnetcpp-f16|bitnet.cpp|I2_S + F16|$BN|bitnetcpp-i2_s-f16.gguf||exact"
-    "llamacpp-q6k|llama.cpp|TQ2_0 + Q6_K|$LC|llamacpp-tq2_0-q6k.gguf||q8"
+    "llamacpp-q6k|llama.cpp|TQ2_0 + Q6_K|$LC|llamacpp-tq2_0-q6k.gguf||q4"
     "llamacpp-f16|llama.cpp|TQ2_0 + F16|$LC|llamacpp-tq2_0-f16.gguf||exact"
 )
 

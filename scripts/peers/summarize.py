@@ -131,7 +131,8 @@ def main():
         ratios = " / ".join(
             f"{ours[t][0] / peer[t][0]:.2f}" if t in ours and t in peer and peer[t][0] > 0 else "—" for t in order
         )
-        our_label = "ternary U8 + " + ("int8 head (--head q8)" if r["head"] == "q8" else "BF16 head (--head exact)")
+        heads = {"exact": "BF16 head (--head exact)", "q8": "int8 head (--head q8)", "q4": "4-bit head (--head q4)"}
+        our_label = "ternary U8 + " + heads.get(r["head"], r["head"])
         print("| " + " | ".join(["ours", our_label, ours_size, r["threads"]] + [cell(ours.get(t)) for t in order] + [ratios]) + " |")
     meta = os.path.join(res, "meta.txt")
     if os.path.exists(meta):
