@@ -653,6 +653,10 @@ impl ForCausalLM {
         input_ids: &Tensor,
         seqlen_offset: usize,
     ) -> candle_core::Result<Tensor> {
+        if self.off_pool() {
+            // `scope` runs its body on a pool worker when called from outside the pool.
+            return rayon::scope(|_| self.forward(input_ids, seqlen_offset));
+        }
         let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
         let mut last = None;
         for start in (0..t).step_by(self.prefill_chunk) {
@@ -673,6 +677,9 @@ impl ForCausalLM {
         input_ids: &Tensor,
         seqlen_offset: usize,
     ) -> candle_core::Result<Tensor> {
+        if self.off_pool() {
+            return rayon::scope(|_| self.forward_all(input_ids, seqlen_offset));
+        }
         let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
         let mut chunks = Vec::new();
         for start in (0..t).step_by(self.prefill_chunk) {
@@ -681,6 +688,16 @@ impl ForCausalLM {
             chunks.push(self.head(&hidden)?);
         }
         Tensor::cat(&chunks, 1)
+    }
+
+    /// True when a CPU forward pass is called from outside the rayon pool.
+    ///
+    /// Every CPU kernel forks onto that pool. Called from a plain thread, each fork parks the
+    /// caller and wakes the workers: two or three context switches per op, ~210 ops per decoded
+    /// token. Run on a worker, the whole pass forks in place, and between ops the other workers
+    /// are usually still spinning rather than asleep.
+    fn off_pool(&self) -> bool {
+        self.device().is_cpu() && rayon::current_thread_index().is_none()
     }
 
     /// Checks the ids and positions, and rewinds the cache to `offset`.
