@@ -1,6 +1,6 @@
 //! [`BitLinearOp`]: the ternary linear layer as a candle `CustomOp1`.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -94,32 +94,34 @@ impl BitLinearOp {
         T: Copy + Into<f32> + Send + Sync + 'static,
     {
         thread_local! {
-            // Reused between calls so that decoding a token allocates only its output.
-            static SCRATCH: RefCell<(QuantizedActivations, Vec<i32>)> = RefCell::default();
+            // Reused between calls so that decoding a token allocates only its output. Taken
+            // out while in use: a rayon worker waiting inside this call may run another layer's
+            // call (e.g. a second model's forward pass) on the same thread.
+            static SCRATCH: Cell<(QuantizedActivations, Vec<i32>)> = Cell::default();
         }
         let (k, n) = (self.weight.in_features(), self.weight.out_features());
         let tokens = x.len().checked_div(k).unwrap_or(0);
-        SCRATCH.with_borrow_mut(|(acts, acc)| {
-            acts.quantize(x, tokens, k, self.weight.padded_in_features());
-            acc.resize(n * tokens, 0);
-            ternary_matmul(Isa::detect(), &self.weight, acts, acc);
-            let mut y = vec![out(0.0); n * tokens];
-            let rescale = |((y, acc), &s): ((&mut [T], &[i32]), &f32)| {
-                let f = self.rescale(s);
-                for (y, &a) in y.iter_mut().zip(acc) {
-                    *y = out(a as f32 * f);
-                }
-            };
-            let (n1, scales) = (n.max(1), acts.scales());
-            if tokens > 1 {
-                let rows = y.par_chunks_mut(n1).zip(acc.par_chunks(n1));
-                rows.zip(scales).for_each(rescale);
-            } else {
-                let rows = y.chunks_mut(n1).zip(acc.chunks(n1));
-                rows.zip(scales).for_each(rescale);
+        let (mut acts, mut acc) = SCRATCH.take();
+        acts.quantize(x, tokens, k, self.weight.padded_in_features());
+        acc.resize(n * tokens, 0);
+        ternary_matmul(Isa::detect(), &self.weight, &acts, &mut acc);
+        let mut y = vec![out(0.0); n * tokens];
+        let rescale = |((y, acc), &s): ((&mut [T], &[i32]), &f32)| {
+            let f = self.rescale(s);
+            for (y, &a) in y.iter_mut().zip(acc) {
+                *y = out(a as f32 * f);
             }
-            y
-        })
+        };
+        let (n1, scales) = (n.max(1), acts.scales());
+        if tokens > 1 {
+            let rows = y.par_chunks_mut(n1).zip(acc.par_chunks(n1));
+            rows.zip(scales).for_each(rescale);
+        } else {
+            let rows = y.chunks_mut(n1).zip(acc.chunks(n1));
+            rows.zip(scales).for_each(rescale);
+        }
+        SCRATCH.set((acts, acc));
+        y
     }
 }
 
