@@ -46,7 +46,12 @@ use crate::weights::Weights;
 
 /// Default number of prompt tokens processed per forward step (see
 /// [`ForCausalLM::set_prefill_chunk`]).
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+///
+/// The ternary GEMM is as efficient at 128 tokens as at 512 (it works in blocks of 16), while
+/// attention computes the full `chunk × context` score matrix, masked or not: chunks of 128
+/// skip most of the masked half. On the 2B-4T shapes (2 CPU threads) pp512 ran ~10% faster
+/// than with one 512-token step.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
 /// Tracks which checkpoint tensors the model used, to report the ones it did not.
 struct Loader<'a> {
