@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::head::{Embedding, HeadFormat, LmHead, Table};
 use crate::weights::Weights;
 
-/// Default number of prompt tokens processed per forward step (see
+/// Default number of prompt tokens processed per forward step on the CPU (see
 /// [`ForCausalLM::set_prefill_chunk`]).
 ///
 /// The ternary GEMM is as efficient at 128 tokens as at 512 (it works in blocks of 16), while
@@ -52,6 +52,9 @@ use crate::weights::Weights;
 /// skip most of the masked half. On the 2B-4T shapes (2 CPU threads) pp512 ran ~10% faster
 /// than with one 512-token step.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
+
+/// The default on a GPU, where each step pays a fixed launch overhead of several ms.
+pub const DEFAULT_PREFILL_CHUNK_GPU: usize = 512;
 
 /// Tracks which checkpoint tensors the model used, to report the ones it did not.
 struct Loader<'a> {
@@ -641,7 +644,11 @@ impl ForCausalLM {
             cache: Cache::new(config.num_hidden_layers),
             config,
             warnings,
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefill_chunk: if device.is_cpu() {
+                DEFAULT_PREFILL_CHUNK
+            } else {
+                DEFAULT_PREFILL_CHUNK_GPU
+            },
         })
     }
 
@@ -769,7 +776,8 @@ impl ForCausalLM {
         self.cache.len()
     }
 
-    /// Sets how many prompt tokens one step processes (default [`DEFAULT_PREFILL_CHUNK`]);
+    /// Sets how many prompt tokens one step processes (default [`DEFAULT_PREFILL_CHUNK`], or
+    /// [`DEFAULT_PREFILL_CHUNK_GPU`] on a GPU);
     /// attention memory grows with chunk × context. Values below 1 are treated as 1.
     pub fn set_prefill_chunk(&mut self, tokens: usize) {
         self.prefill_chunk = tokens.max(1);
