@@ -73,13 +73,14 @@ def ours_tests(path):
             return out
     except ValueError:
         pass
-    # | model | size | params | backend | threads | test | t/s |
+    # | model | size | params | backend | head | threads | test | t/s | eff. GB/s |
+    # (older builds: no head / GB/s columns): the t/s cell follows the test cell.
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 2 and TEST.match(cells[-2]):
-            m = re.match(r"([\d.]+)\s*±\s*([\d.]+)", cells[-1])
-            if m:
-                out[cells[-2]] = (float(m.group(1)), float(m.group(2)))
+        for test, rate in zip(cells, cells[1:]):
+            m = re.match(r"([\d.]+)\s*±\s*([\d.]+)", rate)
+            if TEST.match(test) and m:
+                out[test] = (float(m.group(1)), float(m.group(2)))
     return out
 
 

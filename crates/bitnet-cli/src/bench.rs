@@ -50,6 +50,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         threads,
         ..
     } = runtime::load(&args.source, &args.runtime)?;
+    let head = &args.runtime.head;
     let max = model.max_context();
     if args.prompt_len > max {
         bail!(
@@ -98,24 +99,42 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut out = String::new();
     writeln!(
         out,
-        "| model | size | params | backend | threads | test | t/s |"
+        "| model | size | params | backend | head | threads | test | t/s | eff. GB/s |"
     )?;
-    writeln!(out, "| --- | ---: | ---: | --- | ---: | ---: | ---: |")?;
+    writeln!(
+        out,
+        "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"
+    )?;
+    let per_token = model.bytes_per_token() as f64;
     for (test, rates) in rows {
         let (median, spread) = median_spread(rates);
+        // Decoding reads every weight once per token; prefill reads them once per step.
+        let gbs = if test.starts_with("tg") {
+            format!("{:.1}", per_token * median / 1e9)
+        } else {
+            "–".into()
+        };
         writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} |",
             source.name,
             util::human_bytes(disk_bytes),
             util::human_count(params),
             backend,
+            head,
             threads,
             test,
             median,
-            spread
+            spread,
+            gbs
         )?;
     }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "weights read per generated token: {}",
+        util::human_bytes(per_token as u64)
+    )?;
     writeln!(out)?;
     writeln!(out, "model load time: {load_s:.3} s")?;
     writeln!(

@@ -398,6 +398,13 @@ fn inspect_and_bench_describe_the_model() {
         text.contains("| pp8 |") && text.contains("| tg4 |"),
         "{text}"
     );
+    // The head format and the decode row's effective bandwidth (weights read per token × t/s).
+    assert!(
+        text.contains("| exact |")
+            && text.contains("eff. GB/s")
+            && text.contains("weights read per generated token"),
+        "{text}"
+    );
     assert!(text.contains("| 1 |"), "threads column: {text}");
     assert!(text.contains("peak RSS"), "{text}");
 }

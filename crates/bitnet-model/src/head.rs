@@ -139,6 +139,16 @@ pub(crate) struct LmHead {
 }
 
 impl LmHead {
+    /// Bytes of the head matrix, all of which one decoded token reads.
+    pub(crate) fn storage_bytes(&self) -> usize {
+        match &self.table {
+            Table::Bf16(m) => m.storage_bytes(),
+            Table::F32(t) => t.elem_count() * 4,
+            Table::Q8(m) => m.storage_bytes(),
+            Table::Q4(m) => m.storage_bytes(),
+        }
+    }
+
     pub(crate) fn new(table: Table) -> Self {
         let op = match &table {
             Table::Bf16(m) => Some(Bf16LinearOp::new(m.clone())),

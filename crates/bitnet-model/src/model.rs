@@ -766,6 +766,31 @@ impl ForCausalLM {
             .reshape((b, t, ()))
     }
 
+    /// Weight bytes one decoded token reads: every ternary matrix and the LM head (the
+    /// embedding row it also reads is negligible). Decoding is bound by this over the memory
+    /// bandwidth, so `bytes_per_token × tokens/s` is the effective bandwidth `bitnet bench` shows.
+    pub fn bytes_per_token(&self) -> u64 {
+        let ternary: usize = self
+            .model
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .map(|p| p.op().weight().storage_bytes())
+            .sum();
+        (ternary + self.lm_head.storage_bytes()) as u64
+    }
+
     /// Forgets the KV cache (start of a new, unrelated sequence).
     pub fn clear_cache(&mut self) {
         self.cache.clear();
