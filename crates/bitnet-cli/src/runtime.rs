@@ -33,8 +33,8 @@ pub struct RuntimeArgs {
     /// with per-row scales: half the head's bytes per generated token of BF16, so faster
     /// decoding on a memory-bound CPU, at a small perplexity cost) or q4 (4-bit weights with an
     /// f16 scale per 64 columns and int8 activations: about a quarter of BF16's bytes, faster
-    /// still, at a larger perplexity cost). A tied embedding is stored the same way. q8 and q4
-    /// run on the CPU only and quantize the head at load time.
+    /// still, at a small perplexity cost too). A tied embedding keeps the checkpoint's exact
+    /// rows. q8 and q4 run on the CPU only and quantize the head at load time.
     #[arg(long, default_value = "exact", value_parser = ["exact", "q8", "q4"])]
     pub head: String,
 }

@@ -289,8 +289,8 @@ fn perplexity_matches_transformers() {
         "q8 {q8_mean} vs exact {mean}"
     );
 
-    // The 4-bit head too, more loosely: on this random model (|logits| up to 20) the tied
-    // embedding, quantized with the head, moves the mean NLL by ~0.36; the head alone by ~0.01.
+    // The 4-bit head too. The tied embedding keeps the checkpoint's exact rows (quantizing it
+    // with the head moved this random model's mean NLL by ~0.36); the head alone moves it ~0.01.
     let o = ok(run(&[
         "perplexity",
         "--model",
@@ -304,7 +304,7 @@ fn perplexity_matches_transformers() {
     let q4: Value = serde_json::from_str(&stdout(&o)).unwrap();
     let q4_mean = q4["mean_nll"].as_f64().unwrap();
     assert!(
-        q4_mean != mean && (q4_mean - mean).abs() < 0.6,
+        q4_mean != mean && (q4_mean - mean).abs() < 0.05,
         "q4 {q4_mean} vs exact {mean}"
     );
 

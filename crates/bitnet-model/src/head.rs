@@ -10,10 +10,11 @@
 //! once (`forward_all`, perplexity) go through candle's f32 matmul instead, a block of
 //! vocabulary rows at a time. A tied head shares the embedding's matrix.
 //!
-//! [`HeadFormat::Q8`] and [`HeadFormat::Q4`] quantize the head (and a tied embedding with it)
-//! at load time to the kernel crate's [`I8Matrix`] / [`Q4Matrix`], trading a little accuracy
-//! for fewer bytes read per generated token; both run on the CPU only, through their own ops
-//! for any number of rows, and the embedding dequantizes the rows it gathers.
+//! [`HeadFormat::Q8`] and [`HeadFormat::Q4`] quantize the head at load time to the kernel
+//! crate's [`I8Matrix`] / [`Q4Matrix`], trading a little accuracy for fewer bytes read per
+//! generated token; both run on the CPU only, through their own ops for any number of rows. A
+//! tied embedding then reads the checkpoint's exact rows from the memory map (when the
+//! checkpoint holds the table as a float matrix; otherwise it dequantizes the rows it gathers).
 
 use std::sync::Arc;
 
@@ -21,12 +22,14 @@ use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, I8LinearOp, I8Matrix, Q4LinearOp,
 use candle_core::{DType, Device, Tensor};
 use half::bf16;
 
+use crate::weights::MappedRows;
+
 /// Token rows up to which the head uses the GEMV kernel; beyond, a blocked f32 matmul wins.
 const GEMV_MAX_ROWS: usize = 8;
 /// Vocabulary rows widened to f32 at a time on the matmul path (`BLOCK × hidden × 4` bytes).
 const MATMUL_BLOCK: usize = 8192;
 
-/// How the LM head is stored (a tied embedding follows the head).
+/// How the LM head is stored (a tied embedding stays exact, see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeadFormat {
     /// As in the checkpoint (BF16 or F32): the configuration that matches transformers.
@@ -78,14 +81,24 @@ pub(crate) enum Table {
 #[derive(Clone, Debug)]
 pub(crate) struct Embedding {
     table: Table,
+    /// The checkpoint's own rows, when the table is a quantized tied head: lookups read these
+    /// instead, so only the head is approximated. Quantizing the embedding too cost most of
+    /// q4's perplexity change on the fixtures (docs/BENCHMARKS.md).
+    exact: Option<MappedRows>,
     dtype: DType,
     device: Device,
 }
 
 impl Embedding {
-    pub(crate) fn new(table: Table, dtype: DType, device: &Device) -> Self {
+    pub(crate) fn new(
+        table: Table,
+        exact: Option<MappedRows>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         Self {
             table,
+            exact,
             dtype,
             device: device.clone(),
         }
@@ -94,6 +107,9 @@ impl Embedding {
     /// Rows for `ids` (u32, any shape, already checked to be `< rows`) as `[n, cols]`.
     pub(crate) fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let ids = ids.flatten_all()?;
+        if let Some(m) = &self.exact {
+            return self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i));
+        }
         match &self.table {
             Table::F32(t) => t.index_select(&ids, 0)?.to_dtype(self.dtype),
             Table::Bf16(m) => self.gather(&ids, m.rows(), m.cols(), |i| {
@@ -221,7 +237,7 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-4, "m = {m}: {d}");
         }
-        let emb = Embedding::new(Table::Bf16(matrix), DType::F32, &dev);
+        let emb = Embedding::new(Table::Bf16(matrix), None, DType::F32, &dev);
         let ids = Tensor::new(&[3u32, 0, 3], &dev).unwrap();
         let got = emb.forward(&ids).unwrap();
         let want = w
@@ -277,7 +293,7 @@ mod tests {
                     }
                 }
             }
-            let emb = Embedding::new(table, DType::F32, &dev);
+            let emb = Embedding::new(table, None, DType::F32, &dev);
             let got = emb
                 .forward(&Tensor::new(&[7u32, 0, 299], &dev).unwrap())
                 .unwrap()

@@ -631,8 +631,13 @@ impl ForCausalLM {
                 }
             ));
         }
+        // A quantized tied head keeps the embedding exact: lookups read the checkpoint's rows
+        // from the map (on the CPU, where the quantized heads run).
+        let exact_rows = (config.tie_word_embeddings && head != HeadFormat::Exact)
+            .then(|| weights.mapped_rows(embed_name, vocab, h))
+            .flatten();
         let model = Model {
-            embed_tokens: Embedding::new(embed_tokens, dtype, device),
+            embed_tokens: Embedding::new(embed_tokens, exact_rows, dtype, device),
             layers,
             norm,
             rotary: RotaryEmbedding::new(&config, dtype, device)?,

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -26,7 +27,7 @@ pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 /// One mapped safetensors file.
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 /// Where one tensor lives.
@@ -211,7 +212,7 @@ impl Weights {
             }
             shards.push(Shard {
                 path: path.clone(),
-                mmap,
+                mmap: Arc::new(mmap),
             });
         }
         let origin = match files {
@@ -278,6 +279,25 @@ impl Weights {
         }
         #[cfg(not(unix))]
         let _ = name;
+    }
+
+    /// Rows of the float matrix `name` (`[rows, cols]`, BF16 / F16 / F32), read from the map
+    /// on demand and outliving `self`; `None` for any other dtype or shape.
+    pub(crate) fn mapped_rows(&self, name: &str, rows: usize, cols: usize) -> Option<MappedRows> {
+        let e = self.entries.get(name)?;
+        let width = match e.dtype {
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+            _ => return None,
+        };
+        (e.shape == [rows, cols]).then(|| MappedRows {
+            mmap: self.shards[e.shard].mmap.clone(),
+            bytes: e.bytes.clone(),
+            dtype: e.dtype,
+            rows,
+            cols,
+            width,
+        })
     }
 
     /// All tensors, sorted by name (rotary `inv_freq` buffers included; the model ignores them).
@@ -440,5 +460,64 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let err = Weights::open(empty.path()).unwrap_err().to_string();
         assert!(err.contains("no model.safetensors"), "{err}");
+    }
+}
+
+/// A float matrix left in the memory map, read a row at a time (see [`Weights::mapped_rows`]).
+///
+/// Used for a tied embedding when the LM head is quantized: a token reads one row, so keeping
+/// the exact rows costs no resident memory beyond the rows touched, and the embedding stays
+/// exactly the checkpoint's.
+#[derive(Clone)]
+pub(crate) struct MappedRows {
+    mmap: Arc<Mmap>,
+    bytes: Range<usize>,
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+    width: usize,
+}
+
+impl std::fmt::Debug for MappedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MappedRows({:?} [{}, {}])",
+            self.dtype, self.rows, self.cols
+        )
+    }
+}
+
+impl MappedRows {
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `i` widened to f32 (exact for every stored dtype), or `None` past the end.
+    pub(crate) fn row_f32(&self, i: usize) -> Option<Vec<f32>> {
+        if i >= self.rows {
+            return None;
+        }
+        let len = self.cols * self.width;
+        let start = self.bytes.start + i * len;
+        let b = self.mmap.get(start..start + len)?;
+        Some(match self.dtype {
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        })
     }
 }
