@@ -201,8 +201,63 @@ impl CustomOp1 for Bf16LinearOp {
     }
 }
 
-/// The `cpu_fwd` shared by the LM-head ops ([`Bf16LinearOp`], [`crate::I8LinearOp`],
-/// [`crate::Q4LinearOp`]): checks the input, widens it to f32, runs `matmul`
+/// A quantized LM-head matrix multiplied on the CPU ([`crate::I8Matrix`], [`crate::Q4Matrix`]).
+pub trait HeadMatrix: std::fmt::Debug + Send + Sync + 'static {
+    /// The op's name in candle errors.
+    const OP_NAME: &'static str;
+    /// Rows (vocabulary size).
+    fn rows(&self) -> usize;
+    /// Columns (hidden size).
+    fn cols(&self) -> usize;
+    /// `out[r · tokens + t] ≈ Σ_k W[r,k] · x[t,k]` (`x` is `tokens × cols`).
+    fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]);
+}
+
+/// `y ≈ x · Wᵀ` for a [`HeadMatrix`] `W` (CPU only): input `[..., cols]` f32 or bf16, output
+/// `[..., rows]` f32. [`crate::I8LinearOp`] and [`crate::Q4LinearOp`] are this op.
+#[derive(Debug)]
+pub struct HeadLinearOp<M> {
+    weight: Arc<M>,
+}
+
+impl<M> Clone for HeadLinearOp<M> {
+    fn clone(&self) -> Self {
+        Self {
+            weight: self.weight.clone(),
+        }
+    }
+}
+
+impl<M: HeadMatrix> HeadLinearOp<M> {
+    /// The product with `weight`.
+    pub fn new(weight: Arc<M>) -> Self {
+        Self { weight }
+    }
+
+    /// Applies the product to `x` (`[..., cols]`); the result is f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl<M: HeadMatrix> CustomOp1 for HeadLinearOp<M> {
+    fn name(&self) -> &'static str {
+        M::OP_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = &self.weight;
+        float_head_cpu_fwd(M::OP_NAME, w.rows(), w.cols(), storage, layout, |x, out| {
+            w.matmul(Isa::detect(), x, out)
+        })
+    }
+}
+
+/// The `cpu_fwd` shared by the LM-head ops ([`Bf16LinearOp`], [`HeadLinearOp`]): checks the input, widens it to f32, runs `matmul`
 /// (output-row-major `[rows, tokens]`) and returns `[..., rows]` f32.
 pub(crate) fn float_head_cpu_fwd(
     name: &str,

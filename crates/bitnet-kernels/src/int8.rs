@@ -8,14 +8,11 @@
 //! state has outliers that flatten every other value to a few int8 steps. This approximates the
 //! BF16 head; `bitnet perplexity --head q8` measures the cost (docs/BENCHMARKS.md).
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::cpu::Isa;
-use crate::dense::{float_head_cpu_fwd, row_parallel};
+use crate::dense::{row_parallel, HeadLinearOp, HeadMatrix};
 use crate::quant::round_ties_even_small;
 
 /// A row-major int8 matrix with one scale per row.
@@ -164,36 +161,20 @@ mod x86 {
 }
 
 /// `y = x · Wᵀ` for an [`I8Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32.
-#[derive(Clone, Debug)]
-pub struct I8LinearOp {
-    weight: Arc<I8Matrix>,
-}
+pub type I8LinearOp = HeadLinearOp<I8Matrix>;
 
-impl I8LinearOp {
-    /// The product with `weight`.
-    pub fn new(weight: Arc<I8Matrix>) -> Self {
-        Self { weight }
+impl HeadMatrix for I8Matrix {
+    const OP_NAME: &'static str = "int8-linear";
+
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    /// Applies the product to `x` (`[..., cols]`); the result is f32.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-}
-
-impl CustomOp1 for I8LinearOp {
-    fn name(&self) -> &'static str {
-        "int8-linear"
+    fn cols(&self) -> usize {
+        self.cols
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.weight;
-        float_head_cpu_fwd(self.name(), w.rows, w.cols, storage, layout, |x, out| {
-            w.matmul(Isa::detect(), x, out)
-        })
+    fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        I8Matrix::matmul(self, isa, x, out)
     }
 }

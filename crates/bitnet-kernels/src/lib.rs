@@ -31,7 +31,7 @@ pub mod cuda;
 pub mod pack;
 pub mod quant;
 
-pub use dense::{Bf16LinearOp, Bf16Matrix};
+pub use dense::{Bf16LinearOp, Bf16Matrix, HeadLinearOp, HeadMatrix};
 pub use error::{KernelError, Result};
 pub use int8::{I8LinearOp, I8Matrix};
 pub use layout::{TernaryWeight, BLOCK};

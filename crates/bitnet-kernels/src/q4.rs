@@ -43,14 +43,11 @@
 //! docs/BENCHMARKS.md; on small random models most of the perplexity change comes from a tied
 //! embedding quantized along with the head, not from the head itself.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::cpu::Isa;
-use crate::dense::{check_head_shapes, float_head_cpu_fwd, row_chunks, CHUNK_ROWS};
+use crate::dense::{check_head_shapes, row_chunks, HeadLinearOp, HeadMatrix, CHUNK_ROWS};
 use crate::error::KernelError;
 use crate::quant::round_ties_even_small;
 
@@ -615,36 +612,20 @@ mod x86 {
 
 /// `y ≈ x · Wᵀ` for a [`Q4Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32
 /// (CPU only).
-#[derive(Clone, Debug)]
-pub struct Q4LinearOp {
-    weight: Arc<Q4Matrix>,
-}
+pub type Q4LinearOp = HeadLinearOp<Q4Matrix>;
 
-impl Q4LinearOp {
-    /// The product with `weight`.
-    pub fn new(weight: Arc<Q4Matrix>) -> Self {
-        Self { weight }
+impl HeadMatrix for Q4Matrix {
+    const OP_NAME: &'static str = "q4-linear";
+
+    fn rows(&self) -> usize {
+        self.rows
     }
 
-    /// Applies the product to `x` (`[..., cols]`); the result is f32.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-}
-
-impl CustomOp1 for Q4LinearOp {
-    fn name(&self) -> &'static str {
-        "q4-linear"
+    fn cols(&self) -> usize {
+        self.cols
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = &self.weight;
-        float_head_cpu_fwd(self.name(), w.rows, w.cols, storage, layout, |x, out| {
-            w.matmul(Isa::detect(), x, out)
-        })
+    fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        Q4Matrix::matmul(self, isa, x, out)
     }
 }
