@@ -1,6 +1,8 @@
 //! Kernel correctness: packing round trips, every SIMD path against the scalar reference
 //! (bit-exact, on random and ragged shapes), and BitLinear against an f64 naive reference.
 
+mod common;
+
 use std::sync::Arc;
 
 use bitnet_kernels::cpu::{quantize_activations, ternary_matmul, Isa};
@@ -12,22 +14,10 @@ use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use common::random_acts;
+
 fn random_ternary(rng: &mut StdRng, n: usize) -> Vec<i8> {
     (0..n).map(|_| rng.random_range(-1i8..=1)).collect()
-}
-
-fn random_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    // A few outliers per row, as real activations have, so that quantization is not trivial.
-    (0..n)
-        .map(|i| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if i % 97 == 0 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
 }
 
 /// `Σ_k T[o,k]·q[t,k]` straight from the unpacked matrix, in the kernels' output order.

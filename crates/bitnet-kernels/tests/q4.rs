@@ -2,6 +2,8 @@
 //! reference on random and ragged shapes, the product against an f64 reference of the
 //! dequantized matrix, the quantization error bounds, and the error paths.
 
+mod common;
+
 use std::sync::Arc;
 
 use bitnet_kernels::cpu::Isa;
@@ -11,6 +13,8 @@ use half::bf16;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use common::random_acts;
 
 /// Weights spread over a few orders of magnitude between rows, with occasional outliers and
 /// all-zero stretches, so that blocks get very different scales.
@@ -23,20 +27,6 @@ fn random_weights(rng: &mut StdRng, rows: usize, cols: usize) -> Vec<bf16> {
             let v = if c % 53 == 7 { v * 8.0 } else { v };
             let v = if r % 7 == 3 && c < 70 { 0.0 } else { v };
             bf16::from_f32(v * row_scale)
-        })
-        .collect()
-}
-
-/// Activations with outliers, as the final hidden state has.
-fn random_acts(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if i % 97 == 0 {
-                v * 20.0
-            } else {
-                v
-            }
         })
         .collect()
 }
