@@ -32,6 +32,11 @@ pub struct Args {
     #[arg(long, default_value_t = 42, value_name = "S")]
     pub seed: u64,
 
+    /// CUDA: launch every kernel of a decode step from the host instead of replaying the step
+    /// recorded as a CUDA graph (to measure what the graph saves).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
+
     #[command(flatten)]
     pub source: SourceArgs,
 
@@ -51,6 +56,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         ..
     } = runtime::load(&args.source, &args.runtime)?;
     let head = &args.runtime.head;
+    model.set_cuda_graphs(!args.no_cuda_graph);
     let max = model.max_context();
     if args.prompt_len > max {
         bail!(
@@ -137,6 +143,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
     )?;
     writeln!(out)?;
     writeln!(out, "model load time: {load_s:.3} s")?;
+    if model.device().is_cuda() && args.gen > 0 {
+        let graph = match (args.no_cuda_graph, model.cuda_graph_error()) {
+            (true, _) => "off (--no-cuda-graph)".to_string(),
+            (false, Some(e)) => format!("off (recording failed: {e})"),
+            (false, None) => "on".to_string(),
+        };
+        writeln!(out, "decode steps as a CUDA graph: {graph}")?;
+    }
     writeln!(
         out,
         "peak RSS (VmHWM): {}",
@@ -159,11 +173,13 @@ fn prefill(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     Ok(())
 }
 
+/// Decodes `tokens` one by one, copying each step's logits to the host as `generate`'s sampler
+/// does (so that a GPU also finishes every step inside the timing).
 fn decode(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     model.clear_cache();
     for (i, &t) in tokens.iter().enumerate() {
         let ids = Tensor::new(&[t], model.device())?.unsqueeze(0)?;
-        model.forward(&ids, i)?;
+        model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
     }
     Ok(())
 }

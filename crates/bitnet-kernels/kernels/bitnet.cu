@@ -30,6 +30,11 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* y, size_t i, float v) {
     y[i] = __float2bfloat16_rn(v);
 }
 
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
 // f such that y = float(acc) * f (see the header); token scale s.
 __device__ __forceinline__ float rescale(float s, float scale, int divide) {
     return divide ? __fdiv_rn(1.0f, __fmul_rn(s, scale)) : __fdiv_rn(scale, s);
@@ -40,38 +45,110 @@ __device__ __forceinline__ float epilogue(int acc, float s, float scale, int div
 }
 
 // ---------------------------------------------------------------------------------------------
-// (a) Activation quantization: one block per token, any block size that is a multiple of 32.
+// Rows: one block per token (quantization, RMSNorm). Each thread keeps up to ROW_REGS of its row's
+// values in registers between passes, so a row is read from memory once and a pass's loads are all
+// in flight together (a decode step has a single row: these kernels are latency-bound).
+// ---------------------------------------------------------------------------------------------
+#define ROW_REGS 8
+
+__device__ __forceinline__ float block_max(float m, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = lane < warps ? red[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    return m;
+}
+
+// Loads this thread's first ROW_REGS values of row xr (zero past h).
+template <typename T>
+__device__ __forceinline__ void load_row(const T* __restrict__ xr, int h, float (&v)[ROW_REGS]) {
+#pragma unroll
+    for (int r = 0; r < ROW_REGS; ++r) {
+        const int i = threadIdx.x + r * blockDim.x;
+        v[r] = i < h ? to_f32(xr[i]) : 0.0f;
+    }
+}
+
+// 1 / sqrt(mean(x^2) + eps) of row xr, whose register part the caller loaded into v.
+template <typename T>
+__device__ float inv_rms(const T* __restrict__ xr, const float (&v)[ROW_REGS], int h, float eps,
+                         float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float ss = 0.0f;
+#pragma unroll
+    for (int r = 0; r < ROW_REGS; ++r) ss = __fadd_rn(ss, __fmul_rn(v[r], v[r]));
+    for (int i = ROW_REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x) {
+        const float u = to_f32(xr[i]);
+        ss = __fadd_rn(ss, __fmul_rn(u, u));
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int i = 0; i < warps; ++i) total += red[i];
+    return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, (float)h), eps)));
+}
+
+// RMSNorm of value x at column i before the final rounding: transformers' LlamaRMSNorm
+// normalizes in f32, rounds to T, then multiplies by the weight (the caller rounds that to T).
+template <typename T>
+__device__ __forceinline__ float normed(float x, float inv, const T* __restrict__ w, int i) {
+    return __fmul_rn(to_f32(w[i]), round_to(__fmul_rn(x, inv), T()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) Activation quantization, optionally of RMSNorm(x) (norm_w != 0: the norm's output rounded
+// to T, exactly what the RMSNorm kernel would store, then quantized; one launch instead of two).
 // q is [tokens, k_pad] int8 with zero padding; scales [tokens] f32; sums [tokens] i32 (sum of q).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ void quantize_rows(const T* __restrict__ x, int8_t* __restrict__ q,
-                              float* __restrict__ scales, int* __restrict__ sums, int k, int k_pad) {
-    __shared__ float red_f[32];
+__device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ w, int norm, float eps,
+                              int8_t* __restrict__ q, float* __restrict__ scales,
+                              int* __restrict__ sums, int k, int k_pad) {
+    __shared__ float red_n[32], red_f[32];
     __shared__ int red_i[32];
     const int t = blockIdx.x;
     const T* xr = x + (size_t)t * k;
     int8_t* qr = q + (size_t)t * k_pad;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int stride = blockDim.x, tail = ROW_REGS * stride;
 
+    float v[ROW_REGS];
+    load_row(xr, k, v);
+    const float inv = norm ? inv_rms(xr, v, k, eps, red_n) : 1.0f;
+    auto value = [&](float raw, int i) { return norm ? round_to(normed(raw, inv, w, i), T()) : raw; };
     float m = 0.0f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) m = fmaxf(m, fabsf(to_f32(xr[i])));
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) red_f[warp] = m;
-    __syncthreads();
-    m = lane < warps ? red_f[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+#pragma unroll
+    for (int r = 0; r < ROW_REGS; ++r) {
+        const int i = threadIdx.x + r * stride;
+        if (i < k) v[r] = value(v[r], i);
+        m = fmaxf(m, fabsf(v[r]));
+    }
+    for (int i = tail + threadIdx.x; i < k; i += stride) m = fmaxf(m, fabsf(value(to_f32(xr[i]), i)));
+    m = block_max(m, red_f);
     const float s = __fdiv_rn(127.0f, fmaxf(m, 1e-5f));
 
+    // rintf rounds half to even, like f32::round_ties_even; NaN becomes 0 as in Rust's `as`.
+    auto quant = [s](float x) {
+        const float p = __fmul_rn(x, s);
+        return isnan(p) ? 0 : (int)fminf(fmaxf(rintf(p), -128.0f), 127.0f);
+    };
     int sum = 0;
-    for (int i = threadIdx.x; i < k_pad; i += blockDim.x) {
-        int v = 0;
-        if (i < k) {
-            const float p = __fmul_rn(to_f32(xr[i]), s);
-            // rintf rounds half to even, like f32::round_ties_even; NaN becomes 0 as in Rust's `as`.
-            v = isnan(p) ? 0 : (int)fminf(fmaxf(rintf(p), -128.0f), 127.0f);
+#pragma unroll
+    for (int r = 0; r < ROW_REGS; ++r) {
+        const int i = threadIdx.x + r * stride;
+        if (i < k_pad) {
+            const int c = i < k ? quant(v[r]) : 0;
+            qr[i] = (int8_t)c;
+            sum += c;
         }
-        qr[i] = (int8_t)v;
-        sum += v;
+    }
+    for (int i = tail + threadIdx.x; i < k_pad; i += stride) {
+        const int c = i < k ? quant(value(to_f32(xr[i]), i)) : 0;
+        qr[i] = (int8_t)c;
+        sum += c;
     }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) red_i[warp] = sum;
@@ -84,13 +161,14 @@ __device__ void quantize_rows(const T* __restrict__ x, int8_t* __restrict__ q,
     }
 }
 
-extern "C" __global__ void bitnet_quant_f32(const float* x, int8_t* q, float* s, int* sums, int k,
-                                            int k_pad) {
-    quantize_rows(x, q, s, sums, k, k_pad);
+extern "C" __global__ void bitnet_quant_f32(const float* x, const float* w, int norm, float eps,
+                                            int8_t* q, float* s, int* sums, int k, int k_pad) {
+    quantize_rows(x, w, norm, eps, q, s, sums, k, k_pad);
 }
-extern "C" __global__ void bitnet_quant_bf16(const __nv_bfloat16* x, int8_t* q, float* s,
-                                             int* sums, int k, int k_pad) {
-    quantize_rows(x, q, s, sums, k, k_pad);
+extern "C" __global__ void bitnet_quant_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                             int norm, float eps, int8_t* q, float* s, int* sums,
+                                             int k, int k_pad) {
+    quantize_rows(x, w, norm, eps, q, s, sums, k, k_pad);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -98,17 +176,37 @@ extern "C" __global__ void bitnet_quant_bf16(const __nv_bfloat16* x, int8_t* q, 
 // 16-byte chunks, lane-strided: chunk c is block c/16, row (c/4)%4, bytes (c%4)*16.. of the row's
 // block. Since 32 is a multiple of 16, a lane always meets the same row and byte offset, so the
 // per-row reduction is a shuffle over lane bits 0, 1 and 4.
+// One launch serves up to three matrices with the same input (q/k/v, gate/up): their groups are
+// numbered one after the other. At decode sizes a GEMV is latency-bound (~5 us whatever the
+// matrix), so three matrices in one launch cost about what one does.
 // ---------------------------------------------------------------------------------------------
+template <typename OutT>
+struct GemvMat {
+    const uint8_t* w;
+    OutT* y;
+    int out;
+    float scale;
+};
+
 template <int NT, typename OutT>
-__device__ void gemv_ternary(const uint8_t* __restrict__ w, const int8_t* __restrict__ q,
-                             const float* __restrict__ scales, const int* __restrict__ sums,
-                             OutT* __restrict__ y, int out, int nb, float scale, int divide) {
-    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+__device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m2,
+                             const int8_t* __restrict__ q, const float* __restrict__ scales,
+                             const int* __restrict__ sums, int nb, int divide) {
+    int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
     const int lane = threadIdx.x & 31;
-    const int groups = (out + 3) >> 2;
-    if (group >= groups) return;
+    const int g0 = (m0.out + 3) >> 2, g1 = (m1.out + 3) >> 2, g2 = (m2.out + 3) >> 2;
+    GemvMat<OutT> m = m0;
+    if (group >= g0) {
+        group -= g0;
+        m = m1;
+        if (group >= g1) {
+            group -= g1;
+            m = m2;
+            if (group >= g2) return;
+        }
+    }
     const size_t k_pad = (size_t)nb * 256;
-    const uint4* wg = reinterpret_cast<const uint4*>(w + (size_t)group * nb * 256);
+    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
     const int chunks = nb * 16;
     const int j0 = (lane & 3) * 16;
     int acc[NT];
@@ -127,8 +225,8 @@ __device__ void gemv_ternary(const uint8_t* __restrict__ w, const int8_t* __rest
                 const int4 a = *reinterpret_cast<const int4*>(qb + t * k_pad + 64 * k);
                 const int ar[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-                for (int m = 0; m < 4; ++m)
-                    acc[t] = __dp4a((int)((wr[m] >> (2 * k)) & MASK2), ar[m], acc[t]);
+                for (int e = 0; e < 4; ++e)
+                    acc[t] = __dp4a((int)((wr[e] >> (2 * k)) & MASK2), ar[e], acc[t]);
             }
         }
     }
@@ -140,19 +238,22 @@ __device__ void gemv_ternary(const uint8_t* __restrict__ w, const int8_t* __rest
     }
     if ((lane & 0x13) == 0) {
         const int o = group * 4 + (lane >> 2);
-        if (o < out) {
+        if (o < m.out) {
 #pragma unroll
             for (int t = 0; t < NT; ++t)
-                store_out(y, (size_t)t * out + o, epilogue(acc[t] - sums[t], scales[t], scale, divide));
+                store_out(m.y, (size_t)t * m.out + o,
+                          epilogue(acc[t] - sums[t], scales[t], m.scale, divide));
         }
     }
 }
 
 #define GEMV(NT, NAME, OUTT)                                                                      \
     extern "C" __global__ void bitnet_gemv##NT##_##NAME(                                          \
-        const uint8_t* w, const int8_t* q, const float* s, const int* sums, OUTT* y, int out,     \
-        int nb, float scale, int divide) {                                                        \
-        gemv_ternary<NT, OUTT>(w, q, s, sums, y, out, nb, scale, divide);                         \
+        const uint8_t* w0, OUTT* y0, int out0, float scale0, const uint8_t* w1, OUTT* y1,         \
+        int out1, float scale1, const uint8_t* w2, OUTT* y2, int out2, float scale2,              \
+        const int8_t* q, const float* s, const int* sums, int nb, int divide) {                   \
+        gemv_ternary<NT, OUTT>({w0, y0, out0, scale0}, {w1, y1, out1, scale1},                    \
+                               {w2, y2, out2, scale2}, q, s, sums, nb, divide);                   \
     }
 #define GEMV_ALL(NAME, OUTT)                                                                      \
     GEMV(1, NAME, OUTT) GEMV(2, NAME, OUTT) GEMV(3, NAME, OUTT) GEMV(4, NAME, OUTT)                \
@@ -328,8 +429,24 @@ GEMM(mma, bf16, __nv_bfloat16)
 // ---------------------------------------------------------------------------------------------
 // (e) BF16 weights [rows, cols] x activations [tokens, cols] (f32 or bf16) -> f32 [tokens, rows],
 // f32 accumulation. One warp per row, NT <= 8 tokens per launch (the host loops over chunks).
-// `vec` (host-checked: cols % 8 == 0 and 16-byte aligned rows) enables 16-byte weight loads.
+// `vec` (host-checked: cols % 8 == 0, weight and activation rows 16-byte aligned) enables 16-byte
+// weight and activation loads.
 // ---------------------------------------------------------------------------------------------
+// Eight consecutive activations from a 16-byte-aligned address, as f32.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    const uint32_t u[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        v[2 * m] = __uint_as_float(u[m] << 16);
+        v[2 * m + 1] = __uint_as_float(u[m] & 0xffff0000u);
+    }
+}
+
 template <int NT, typename XT>
 __device__ void dense_bf16(const __nv_bfloat16* __restrict__ w, const XT* __restrict__ x,
                            float* __restrict__ y, int rows, int cols, int vec) {
@@ -355,9 +472,10 @@ __device__ void dense_bf16(const __nv_bfloat16* __restrict__ w, const XT* __rest
             }
 #pragma unroll
             for (int t = 0; t < NT; ++t) {
-                const XT* xt = x + (size_t)t * cols + 8 * c;
+                float xf[8];
+                load8(x + (size_t)t * cols + 8 * c, xf);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], to_f32(xt[e]), acc[t]);
+                for (int e = 0; e < 8; ++e) acc[t] = fmaf(wf[e], xf[e], acc[t]);
             }
         }
         done = chunks << 3;
@@ -393,10 +511,6 @@ DENSE_ALL(bf16, __nv_bfloat16)
 // rounded to T, then y = w * h rounded to T — transformers' LlamaRMSNorm rounding points. One
 // launch instead of the eight candle ops it replaces.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float round_to(float v, float) { return v; }
-__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
-    return __bfloat162float(__float2bfloat16_rn(v));
-}
 
 template <typename T>
 __device__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
@@ -404,22 +518,16 @@ __device__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, 
     __shared__ float red[32];
     const T* xr = x + (size_t)blockIdx.x * h;
     T* yr = y + (size_t)blockIdx.x * h;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        const float v = to_f32(xr[i]);
-        ss = __fadd_rn(ss, __fmul_rn(v, v));
+    float v[ROW_REGS];
+    load_row(xr, h, v);
+    const float inv = inv_rms(xr, v, h, eps, red);
+#pragma unroll
+    for (int r = 0; r < ROW_REGS; ++r) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i < h) store_out(yr, i, normed(v[r], inv, w, i));
     }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float total = 0.0f;
-    for (int i = 0; i < warps; ++i) total += red[i];
-    const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, (float)h), eps)));
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        const float n = round_to(__fmul_rn(to_f32(xr[i]), inv), T());
-        store_out(yr, i, __fmul_rn(to_f32(w[i]), n));
-    }
+    for (int i = ROW_REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x)
+        store_out(yr, i, normed(to_f32(xr[i]), inv, w, i));
 }
 
 extern "C" __global__ void bitnet_rms_norm_f32(const float* x, const float* w, float* y, int h,
@@ -429,4 +537,180 @@ extern "C" __global__ void bitnet_rms_norm_f32(const float* x, const float* w, f
 extern "C" __global__ void bitnet_rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
                                                 __nv_bfloat16* y, int h, float eps) {
     rms_norm_rows(x, w, y, h, eps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (g) Single-token attention against an f32 KV cache [kv_heads, cap, hd] (src/cuda/attention.rs).
+// The position comes from device memory (*pos), never from a launch argument, so a captured CUDA
+// graph replays unchanged at every step. RoPE is the half-split form with transformers' bf16
+// rounding points: x*cos and rotate_half(x)*sin are each rounded to T, then their sum.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void rope_pair(float a, float b, float c, float s, float& ra, float& rb) {
+    ra = round_to(__fsub_rn(round_to(__fmul_rn(a, c), T()), round_to(__fmul_rn(b, s), T())), T());
+    rb = round_to(__fadd_rn(round_to(__fmul_rn(b, c), T()), round_to(__fmul_rn(a, s), T())), T());
+}
+
+// One block per kv head: writes x (rotated when `rope`) at row *pos of its head.
+template <typename T>
+__device__ void kv_append(const T* __restrict__ x, const T* __restrict__ cos,
+                          const T* __restrict__ sin, float* __restrict__ cache,
+                          const unsigned* __restrict__ pos, int hd, int cap, int limit,
+                          int rope) {
+    const int h = blockIdx.x, half = hd >> 1;
+    const unsigned p = *pos;
+    if (p >= (unsigned)limit) return;
+    const T* xr = x + (size_t)h * hd;
+    float* cr = cache + ((size_t)h * cap + p) * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float a = to_f32(xr[i]), b = to_f32(xr[i + half]);
+        if (rope) {
+            const size_t t = (size_t)p * half + i;
+            rope_pair<T>(a, b, to_f32(cos[t]), to_f32(sin[t]), a, b);
+        }
+        cr[i] = a;
+        cr[i + half] = b;
+    }
+}
+
+#define ATT_KEYS 64    // keys per block of the partial pass
+#define ATT_MAX_HD 256 // head_dim limit (8 values per lane)
+
+// Partial pass: block (head, split) attends to keys split*64 .. +63 (those <= *pos) with an
+// online softmax per warp, then merges its warps. Writes [m, l, acc[hd]] to part[head][split].
+template <typename T>
+__device__ void attn_partial(const T* __restrict__ q, const T* __restrict__ cos,
+                             const T* __restrict__ sin, const float* __restrict__ kc,
+                             const float* __restrict__ vc, const unsigned* __restrict__ pos,
+                             float* __restrict__ part, int nh, int nkv, int hd, int cap,
+                             int limit, float scale) {
+    __shared__ float qs[ATT_MAX_HD];
+    __shared__ float wm[32], wl[32];
+    __shared__ float wacc[8][ATT_MAX_HD];
+    const int head = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int half = hd >> 1;
+    const unsigned p = *pos;
+    const bool valid = p < (unsigned)limit;
+    const T* qr = q + (size_t)head * hd;
+    for (int i = threadIdx.x; valid && i < half; i += blockDim.x) {
+        const size_t t = (size_t)p * half + i;
+        rope_pair<T>(to_f32(qr[i]), to_f32(qr[i + half]), to_f32(cos[t]), to_f32(sin[t]), qs[i],
+                     qs[i + half]);
+    }
+    __syncthreads();
+    const int kvh = head / (nh / nkv);
+    const int j0 = split * ATT_KEYS;
+    const int j1 = valid ? min(j0 + ATT_KEYS, (int)p + 1) : j0;
+    float m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int j = j0 + warp; j < j1; j += warps) {
+        const float* kr = kc + ((size_t)kvh * cap + j) * hd;
+        const float* vr = vc + ((size_t)kvh * cap + j) * hd;
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int d = lane + 32 * i;
+            if (d < hd) s = fmaf(qs[d], kr[d], s);
+        }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        s *= scale;
+        const float mn = fmaxf(m, s);
+        const float corr = expf(m - mn), e = expf(s - mn);
+        l = fmaf(l, corr, e);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int d = lane + 32 * i;
+            if (d < hd) acc[i] = fmaf(acc[i], corr, e * vr[d]);
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        wl[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        if (d < hd) wacc[warp][d] = acc[i];
+    }
+    __syncthreads();
+    float bm = -INFINITY;
+    for (int w = 0; w < warps; ++w) bm = fmaxf(bm, wm[w]);
+    float* out = part + ((size_t)head * splits + split) * (hd + 2);
+    if (threadIdx.x == 0) {
+        float bl = 0.0f;
+        for (int w = 0; w < warps; ++w)
+            if (wm[w] > -INFINITY) bl += wl[w] * expf(wm[w] - bm);
+        out[0] = bm;
+        out[1] = bl;
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.0f;
+        for (int w = 0; w < warps; ++w)
+            if (wm[w] > -INFINITY) a += wacc[w][d] * expf(wm[w] - bm);
+        out[2 + d] = a;
+    }
+}
+
+// Merge pass: one block per head combines its splits and writes the output row in T.
+template <typename T>
+__device__ void attn_merge(const float* __restrict__ part, T* __restrict__ y, int splits, int hd) {
+    const int head = blockIdx.x;
+    const float* ph = part + (size_t)head * splits * (hd + 2);
+    float gm = -INFINITY;
+    for (int s = 0; s < splits; ++s) gm = fmaxf(gm, ph[(size_t)s * (hd + 2)]);
+    float gl = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float ms = ph[(size_t)s * (hd + 2)];
+        if (ms > -INFINITY) gl += ph[(size_t)s * (hd + 2) + 1] * expf(ms - gm);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = ph[(size_t)s * (hd + 2)];
+            if (ms > -INFINITY) a += ph[(size_t)s * (hd + 2) + 2 + d] * expf(ms - gm);
+        }
+        store_out(y, (size_t)head * hd + d, a / gl);
+    }
+}
+
+#define ATTN(NAME, T)                                                                             \
+    extern "C" __global__ void bitnet_kv_append_##NAME(const T* x, const T* cos, const T* sin,    \
+                                                       float* cache, const unsigned* pos, int hd, \
+                                                       int cap, int limit, int rope) {            \
+        kv_append<T>(x, cos, sin, cache, pos, hd, cap, limit, rope);                              \
+    }                                                                                             \
+    extern "C" __global__ void bitnet_attn_partial_##NAME(                                        \
+        const T* q, const T* cos, const T* sin, const float* kc, const float* vc,                 \
+        const unsigned* pos, float* part, int nh, int nkv, int hd, int cap, int limit,            \
+        float scale) {                                                                            \
+        attn_partial<T>(q, cos, sin, kc, vc, pos, part, nh, nkv, hd, cap, limit, scale);          \
+    }                                                                                             \
+    extern "C" __global__ void bitnet_attn_merge_##NAME(const float* part, T* y, int splits,      \
+                                                        int hd) {                                 \
+        attn_merge<T>(part, y, splits, hd);                                                       \
+    }
+ATTN(f32, float)
+ATTN(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------------
+// (h) relu(gate)^2 * up (src/act.rs): the square rounded to T, then the product.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void relu2_mul(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
+                          int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float r = fmaxf(to_f32(g[i]), 0.0f);
+        store_out(y, i, __fmul_rn(round_to(__fmul_rn(r, r), T()), to_f32(u[i])));
+    }
+}
+
+extern "C" __global__ void bitnet_relu2_mul_f32(const float* g, const float* u, float* y, int n) {
+    relu2_mul(g, u, y, n);
+}
+extern "C" __global__ void bitnet_relu2_mul_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u,
+                                                 __nv_bfloat16* y, int n) {
+    relu2_mul(g, u, y, n);
 }

@@ -12,11 +12,13 @@
 //! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op);
 //! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16);
 //! - [`RmsNormOp`]: RMSNorm in one CPU pass, with transformers' rounding points;
+//! - [`Relu2MulOp`]: the 2B-4T gated activation `relu(gate)² · up` in one pass;
 //! - [`I8LinearOp`]: an int8-weight LM head (per-row scales), half the bytes of BF16;
 //! - [`Q4LinearOp`]: a 4-bit LM head (f16 scale per 64 columns, int8 activations), about a
 //!   quarter of the bytes of BF16, on the int8 dot-product instructions;
 //! - `cuda` (feature `cuda`): both ops on CUDA tensors, with the kernels exposed for tests.
 
+mod act;
 mod dense;
 mod error;
 mod int8;
@@ -31,6 +33,7 @@ pub mod cuda;
 pub mod pack;
 pub mod quant;
 
+pub use act::Relu2MulOp;
 pub use dense::{Bf16LinearOp, Bf16Matrix, HeadLinearOp, HeadMatrix};
 pub use error::{KernelError, Result};
 pub use int8::{I8LinearOp, I8Matrix};

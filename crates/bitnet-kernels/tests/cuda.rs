@@ -10,7 +10,9 @@ use std::sync::{Arc, OnceLock};
 
 use bitnet_kernels::cuda::{self, Kernel};
 use bitnet_kernels::quant::QuantizedActivations;
-use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, BitLinearOp, ScaleConvention, TernaryWeight};
+use bitnet_kernels::{
+    Bf16LinearOp, Bf16Matrix, BitLinearOp, RmsNormOp, ScaleConvention, TernaryWeight,
+};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use half::bf16;
 use rand::rngs::StdRng;
@@ -438,4 +440,316 @@ fn sanitizer_smoke() {
     let head = Bf16LinearOp::new(Arc::new(Bf16Matrix::new(data, out, inp).unwrap()));
     let x = Tensor::ones((9, inp), DType::F32, dev).unwrap();
     assert_eq!(head.forward(&x).unwrap().dims(), &[9, out]);
+}
+
+/// RoPE tables `[n, hd/2]` as transformers builds them (θ = 10000).
+fn rope_tables(n: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / hd as f32))
+        .collect();
+    let angles = || (0..n).flat_map(|p| inv.iter().map(move |f| p as f32 * f));
+    (
+        angles().map(f32::cos).collect(),
+        angles().map(f32::sin).collect(),
+    )
+}
+
+/// Rotates one head `x` (`[hd]`) at position `p`, half-split form, in f64.
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], p: usize) -> Vec<f64> {
+    let half = x.len() / 2;
+    let (c, s) = (&cos[p * half..], &sin[p * half..]);
+    let mut y = vec![0f64; x.len()];
+    for i in 0..half {
+        let (a, b) = (x[i] as f64, x[i + half] as f64);
+        y[i] = a * c[i] as f64 - b * s[i] as f64;
+        y[i + half] = b * c[i] as f64 + a * s[i] as f64;
+    }
+    y
+}
+
+/// kv_append + decode_attention against an f64 reference: GQA groupings, head dims 32/64/128,
+/// positions on both sides of the 64-key split boundary, f32 and bf16 inputs. The f32 path
+/// differs from the reference only in summation order.
+#[test]
+fn decode_attention_matches_reference() {
+    use cuda::attention::{self, Rope};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    for &(nh, nkv, hd, cap) in &[
+        (4, 2, 32, 64),
+        (20, 5, 128, 256),
+        (6, 6, 64, 192),
+        (8, 1, 64, 70),
+    ] {
+        let (cos, sin) = rope_tables(cap, hd);
+        for pos in [0usize, 1, 63, 64, 65, cap - 1]
+            .into_iter()
+            .filter(|&p| p < cap)
+        {
+            for dtype in [DType::F32, DType::BF16] {
+                // Cache rows 0..pos hold earlier (already rotated) keys and values.
+                let rows = nkv * cap * hd;
+                let kc: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let vc: Vec<f32> = (0..rows).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let round = |v: Vec<f32>| -> Vec<f32> {
+                    v.into_iter()
+                        .map(|x| {
+                            if dtype == DType::BF16 {
+                                bf16::from_f32(x).to_f32()
+                            } else {
+                                x
+                            }
+                        })
+                        .collect()
+                };
+                let q = round((0..nh * hd).map(|_| rng.random_range(-2.0..2.0)).collect());
+                let k = round((0..nkv * hd).map(|_| rng.random_range(-2.0..2.0)).collect());
+                let v = round((0..nkv * hd).map(|_| rng.random_range(-1.0..1.0)).collect());
+                let (cos_t, sin_t) = (round(cos.clone()), round(sin.clone()));
+                let to_gpu = |v: &[f32], shape: &[usize]| {
+                    Tensor::from_slice(v, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(dev)
+                        .unwrap()
+                };
+                let cache = |v: &[f32]| {
+                    Tensor::from_slice(v, (1, nkv, cap, hd), &Device::Cpu)
+                        .unwrap()
+                        .to_device(dev)
+                        .unwrap()
+                };
+                let (kg, vg) = (cache(&kc), cache(&vc));
+                let (cg, sg) = (
+                    to_gpu(&cos_t, &[cap, hd / 2]),
+                    to_gpu(&sin_t, &[cap, hd / 2]),
+                );
+                let rope = Rope { cos: &cg, sin: &sg };
+                let p = Tensor::new(&[pos as u32], dev).unwrap();
+                attention::kv_append(&kg, &to_gpu(&k, &[1, 1, nkv * hd]), &p, Some(rope)).unwrap();
+                attention::kv_append(&vg, &to_gpu(&v, &[1, 1, nkv * hd]), &p, None).unwrap();
+                let out = attention::decode_attention(
+                    &to_gpu(&q, &[1, 1, nh * hd]),
+                    &kg,
+                    &vg,
+                    &p,
+                    rope,
+                    nh,
+                )
+                .unwrap();
+                assert_eq!(out.dims(), &[1, 1, nh * hd]);
+                assert_eq!(out.dtype(), dtype);
+                let got: Vec<f32> = out
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let kgot: Vec<f32> = kg.flatten_all().unwrap().to_vec1().unwrap();
+                let vgot: Vec<f32> = vg.flatten_all().unwrap().to_vec1().unwrap();
+
+                let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+                let mut keys = kc.clone();
+                for h in 0..nkv {
+                    let kr = rotate(&k[h * hd..(h + 1) * hd], &cos_t, &sin_t, pos);
+                    let row = (h * cap + pos) * hd;
+                    for d in 0..hd {
+                        keys[row + d] = kr[d] as f32;
+                        assert!((kgot[row + d] as f64 - kr[d]).abs() <= tol, "key {h},{d}");
+                        assert_eq!(vgot[row + d], v[h * hd + d], "value {h},{d}");
+                    }
+                }
+                // Only row `pos` changed.
+                for (i, (&a, &b)) in kgot.iter().zip(&kc).enumerate() {
+                    if (i / hd) % cap != pos {
+                        assert_eq!(a, b, "untouched key {i}");
+                    }
+                }
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qr = rotate(&q[h * hd..(h + 1) * hd], &cos_t, &sin_t, pos);
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|j| {
+                            let row = (kvh * cap + j) * hd;
+                            let dot: f64 = (0..hd).map(|d| qr[d] * keys[row + d] as f64).sum();
+                            dot / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..=pos)
+                            .map(|j| e[j] / z * vgot[(kvh * cap + j) * hd + d] as f64)
+                            .sum();
+                        let g = got[h * hd + d] as f64;
+                        assert!(
+                            (g - want).abs() <= tol * (1.0 + want.abs()),
+                            "nh={nh} nkv={nkv} hd={hd} pos={pos} {dtype:?} head {h} dim {d}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A recorded graph replays the same kernels with whatever the device-side position holds.
+#[test]
+fn graph_replays_with_new_positions() {
+    use cuda::attention::{self, Rope};
+    let dev = gpu();
+    let (nh, nkv, hd, cap) = (4, 2, 32, 128);
+    let (cos, sin) = rope_tables(cap, hd);
+    let cg = Tensor::from_slice(&cos, (cap, hd / 2), dev).unwrap();
+    let sg = Tensor::from_slice(&sin, (cap, hd / 2), dev).unwrap();
+    let rope = Rope { cos: &cg, sin: &sg };
+    let mut rng = StdRng::seed_from_u64(5);
+    let tokens: Vec<(Vec<f32>, Vec<f32>)> = (0..10)
+        .map(|_| {
+            let r = |n: usize, rng: &mut StdRng| {
+                (0..n)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            };
+            (r(nh * hd, &mut rng), r(nkv * hd, &mut rng))
+        })
+        .collect();
+    // Eager: every step launched directly.
+    let run = |graph: bool| -> Vec<f32> {
+        let kc = Tensor::zeros((1, nkv, cap, hd), DType::F32, dev).unwrap();
+        let vc = Tensor::zeros((1, nkv, cap, hd), DType::F32, dev).unwrap();
+        let q = Tensor::zeros((1, nh * hd), DType::F32, dev).unwrap();
+        let kv = Tensor::zeros((1, nkv * hd), DType::F32, dev).unwrap();
+        let pos = Tensor::zeros(1, DType::U32, dev).unwrap();
+        let out = Tensor::zeros((1, nh * hd), DType::F32, dev).unwrap();
+        let step = || -> candle_core::Result<()> {
+            attention::kv_append(&kc, &kv, &pos, Some(rope))?;
+            attention::kv_append(&vc, &kv, &pos, None)?;
+            let o = attention::decode_attention(&q, &kc, &vc, &pos, rope, nh)?;
+            out.slice_set(&o, 0, 0)
+        };
+        let mut recorded = None;
+        let mut outs = Vec::new();
+        for (i, (qv, kvv)) in tokens.iter().enumerate() {
+            q.slice_set(&Tensor::from_slice(qv, (1, nh * hd), dev).unwrap(), 0, 0)
+                .unwrap();
+            kv.slice_set(&Tensor::from_slice(kvv, (1, nkv * hd), dev).unwrap(), 0, 0)
+                .unwrap();
+            pos.slice_set(&Tensor::new(&[i as u32], dev).unwrap(), 0, 0)
+                .unwrap();
+            match &recorded {
+                Some(g) if graph => cuda::Graph::launch(g).unwrap(),
+                _ => {
+                    step().unwrap();
+                    if graph {
+                        let cuda = dev.as_cuda_device().unwrap();
+                        recorded = Some(cuda::Graph::capture(cuda, step).unwrap());
+                    }
+                }
+            }
+            outs.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        outs
+    };
+    assert_eq!(run(true), run(false));
+}
+
+#[test]
+fn relu2_mul_matches_cpu() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(4);
+    for n in [1usize, 6912, 100_003] {
+        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+        let u: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |v: &[f32]| {
+                Tensor::from_slice(v, n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (g, u) = (t(&g), t(&u));
+            let cpu = bitnet_kernels::Relu2MulOp.forward(&g, &u).unwrap();
+            let gpu = bitnet_kernels::Relu2MulOp
+                .forward(&g.to_device(dev).unwrap(), &u.to_device(dev).unwrap())
+                .unwrap();
+            let v = |x: Tensor| -> Vec<f32> {
+                x.to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(v(gpu), v(cpu), "n={n} {dtype:?}");
+        }
+    }
+}
+
+/// One fused norm+quantize launch shared by several BitLinears equals, bit for bit, the norm
+/// kernel followed by each BitLinear (and the plain quantizer without a norm); four weights
+/// take two multi-matrix GEMV launches.
+#[test]
+fn linears_shared_matches_separate_ops() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(21);
+    for &(inp, tokens) in &[
+        (96usize, 1usize),
+        (2560, 1),
+        (2560, 37),
+        (6912, 3),
+        (300, 20),
+    ] {
+        let ops: Vec<BitLinearOp> = [64usize, 20, 132, 8]
+            .iter()
+            .map(|&out| {
+                let w = TernaryWeight::from_ternary(&random_ternary(&mut rng, out * inp), out, inp)
+                    .unwrap();
+                BitLinearOp::new(
+                    Arc::new(w),
+                    rng.random_range(0.5..2.0),
+                    ScaleConvention::Multiply,
+                )
+            })
+            .collect();
+        let refs: Vec<&BitLinearOp> = ops.iter().collect();
+        let x = random_acts(&mut rng, tokens, inp);
+        let nw: Vec<f32> = (0..inp).map(|_| rng.random_range(0.5..1.5)).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |v: &[f32], shape: &[usize]| {
+                Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap()
+            };
+            let (xg, wg) = (t(&x, &[1, tokens, inp]), t(&nw, &[inp]));
+            let normed = RmsNormOp::new(1e-5).forward(&xg, &wg).unwrap();
+            for (norm, input) in [(Some((&wg, 1e-5)), &normed), (None, &xg)] {
+                let got = cuda::linears_shared(&xg, norm, &refs).unwrap();
+                for (op, y) in ops.iter().zip(got) {
+                    let want = op.forward(input).unwrap();
+                    assert_eq!(y.dims(), want.dims());
+                    let v = |t: Tensor| -> Vec<f32> {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    };
+                    assert_eq!(
+                        v(y),
+                        v(want),
+                        "inp={inp} tokens={tokens} {dtype:?} norm={}",
+                        norm.is_some()
+                    );
+                }
+            }
+        }
+    }
 }

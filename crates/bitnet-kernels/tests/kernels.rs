@@ -8,7 +8,9 @@ use std::sync::Arc;
 use bitnet_kernels::cpu::{quantize_activations, ternary_matmul, Isa};
 use bitnet_kernels::pack::{pack_ternary, unpack_ternary};
 use bitnet_kernels::quant::{quantize_row, QuantizedActivations};
-use bitnet_kernels::{BitLinearOp, KernelError, RmsNormOp, ScaleConvention, TernaryWeight};
+use bitnet_kernels::{
+    BitLinearOp, KernelError, Relu2MulOp, RmsNormOp, ScaleConvention, TernaryWeight,
+};
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -393,4 +395,40 @@ fn rms_norm_matches_composed_reference() {
     }
     let bad = Tensor::zeros(h + 1, DType::F32, &Device::Cpu).unwrap();
     assert!(RmsNormOp::new(eps).forward(&x, &bad).is_err());
+}
+
+/// The fused gated activation rounds exactly as candle's relu → sqr → mul (and transformers).
+#[test]
+fn relu2_mul_matches_composed_ops() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for n in [1usize, 7, 6912, 10_001] {
+        let g: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+        let u: Vec<f32> = (0..n).map(|_| rng.random_range(-4.0..4.0)).collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |v: &[f32]| {
+                Tensor::from_slice(v, (1, n), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (g, u) = (t(&g), t(&u));
+            let want = (g.relu().unwrap().sqr().unwrap() * &u).unwrap();
+            let got = Relu2MulOp.forward(&g, &u).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let v = |x: Tensor| -> Vec<f32> {
+                x.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(v(got), v(want), "n={n} {dtype:?}");
+        }
+    }
+    let (a, b) = (
+        Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(Relu2MulOp.forward(&a, &b).is_err());
 }

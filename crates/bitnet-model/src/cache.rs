@@ -9,7 +9,7 @@
 //! [`crate::model`]), and bf16 keys and values are exactly representable in f32, so storing
 //! them widened once is the same as widening the whole history at every step, minus the copies.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Smallest buffer allocated, in positions, so that short prompts do not regrow repeatedly.
 const MIN_CAPACITY: usize = 64;
@@ -24,16 +24,15 @@ pub(crate) struct LayerCache {
 }
 
 impl LayerCache {
-    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`, f32) and returns views of the whole
-    /// history `[batch, kv_heads, len + t, head_dim]`. `max` bounds the capacity.
-    pub(crate) fn append(
+    /// Makes room for `needed` positions in buffers `[batch, kv_heads, ·, head_dim]`,
+    /// growing (doubling, keeping the first `len` positions) when full. `max` bounds the capacity.
+    pub(crate) fn reserve(
         &mut self,
-        k: &Tensor,
-        v: &Tensor,
+        (b, h, d): (usize, usize, usize),
+        needed: usize,
         max: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let (b, h, t, d) = k.dims4()?;
-        let needed = self.len + t;
+        device: &Device,
+    ) -> Result<()> {
         let capacity = self.buffers.as_ref().map_or(0, |(kb, _)| kb.dims()[2]);
         let batch_changed = self
             .buffers
@@ -53,8 +52,8 @@ impl LayerCache {
             let new_cap = needed
                 .next_power_of_two()
                 .clamp(MIN_CAPACITY, max.max(needed));
-            let kb = Tensor::zeros((b, h, new_cap, d), DType::F32, k.device())?;
-            let vb = Tensor::zeros((b, h, new_cap, d), DType::F32, k.device())?;
+            let kb = Tensor::zeros((b, h, new_cap, d), DType::F32, device)?;
+            let vb = Tensor::zeros((b, h, new_cap, d), DType::F32, device)?;
             if let Some((old_k, old_v)) = self.buffers.take() {
                 if self.len > 0 {
                     kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -63,13 +62,34 @@ impl LayerCache {
             }
             self.buffers = Some((kb, vb));
         }
-        let Some((kb, vb)) = self.buffers.as_ref() else {
-            candle_core::bail!("KV cache buffer missing after allocation");
-        };
+        Ok(())
+    }
+
+    /// Appends `k`, `v` (`[batch, kv_heads, t, head_dim]`, f32) and returns views of the whole
+    /// history `[batch, kv_heads, len + t, head_dim]`. `max` bounds the capacity.
+    pub(crate) fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        max: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let needed = self.len + t;
+        self.reserve((b, h, d), needed, max, k.device())?;
+        let (kb, vb) = self.buffers()?;
         kb.slice_set(&k.contiguous()?, 2, self.len)?;
         vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        let views = (kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?);
         self.len = needed;
-        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+        Ok(views)
+    }
+
+    /// The whole `(k, v)` buffers `[batch, kv_heads, capacity, head_dim]`.
+    pub(crate) fn buffers(&self) -> Result<(&Tensor, &Tensor)> {
+        match &self.buffers {
+            Some((k, v)) => Ok((k, v)),
+            None => candle_core::bail!("KV cache buffer missing: reserve() first"),
+        }
     }
 }
 
@@ -144,6 +164,46 @@ impl Cache {
     /// The cache of layer `i`.
     pub(crate) fn layer(&mut self, i: usize) -> Option<&mut LayerCache> {
         self.layers.get_mut(i)
+    }
+
+    /// Makes room for `needed` positions in every layer (see [`LayerCache::reserve`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn reserve(
+        &mut self,
+        dims: (usize, usize, usize),
+        needed: usize,
+        max: usize,
+        device: &Device,
+    ) -> Result<()> {
+        self.layers
+            .iter_mut()
+            .try_for_each(|l| l.reserve(dims, needed, max, device))
+    }
+
+    /// The buffers of every layer, in order (after [`Cache::reserve`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffers(&self) -> Result<Vec<(&Tensor, &Tensor)>> {
+        self.layers.iter().map(LayerCache::buffers).collect()
+    }
+
+    /// Identifies the current buffers: a recording that wrote into them is stale once this
+    /// changes (they were regrown or dropped).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn buffer_ids(&self) -> Vec<candle_core::TensorId> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.buffers.as_ref())
+            .flat_map(|(k, v)| [k.id(), v.id()])
+            .collect()
+    }
+
+    /// Records that every layer's buffers received `t` more positions (written in place).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn advance_layers(&mut self, t: usize) {
+        for l in &mut self.layers {
+            l.len += t;
+        }
+        self.len += t;
     }
 }
 

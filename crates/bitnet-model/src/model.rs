@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16Matrix, RmsNormOp};
+use bitnet_kernels::{Bf16Matrix, Relu2MulOp, RmsNormOp};
 use candle_core::{DType, Device, Module, Tensor};
 use half::bf16;
 
@@ -43,6 +43,9 @@ use crate::config::{config_path, Config, Family, QuantizationMode};
 use crate::error::{Error, Result};
 use crate::head::{Embedding, HeadFormat, LmHead, Table};
 use crate::weights::Weights;
+
+#[cfg(feature = "cuda")]
+mod decode;
 
 /// Default number of prompt tokens processed per forward step on the CPU (see
 /// [`ForCausalLM::set_prefill_chunk`]).
@@ -287,11 +290,13 @@ impl Attention {
         })
     }
 
-    /// `x`: `[b, t, hidden]` at positions `offset..offset + t`; `mask`: `[t, offset + t]`
-    /// additive causal mask (None when `t == 1`).
+    /// `x`: `[b, t, hidden]` (before `norm`, the layer's input norm) at positions
+    /// `offset..offset + t`; `mask`: `[t, offset + t]` additive causal mask (None when `t == 1`).
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
+        norm: &RmsNorm,
         rope: &RotaryEmbedding,
         offset: usize,
         mask: Option<&Tensor>,
@@ -301,9 +306,8 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let q = heads(self.q_proj.forward(x)?, nh)?;
-        let k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let [q, k, v] = project(x, Some(norm), [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = rope.apply(&q, &k, offset)?;
         let f32 = |y: &Tensor| y.to_dtype(DType::F32);
         let (k, v) = cache.append(&f32(&k)?, &f32(&v)?, max_context)?;
@@ -328,11 +332,13 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?
             .to_dtype(x.dtype())?;
-        let out = match &self.sub_norm {
-            Some(n) => n.forward(&out)?,
-            None => out,
-        };
-        self.o_proj.forward(&out)
+        self.output(&out)
+    }
+
+    /// `o_proj(attn_sub_norm(out))` of the heads' concatenated output `[b, t, heads · head_dim]`.
+    fn output(&self, out: &Tensor) -> candle_core::Result<Tensor> {
+        let [y] = project(out, self.sub_norm.as_ref(), [&self.o_proj])?;
+        Ok(y)
     }
 }
 
@@ -365,20 +371,51 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let act = match self.family {
-            Family::BitNet => gate.relu()?.sqr()?,
-            Family::Llama => candle_nn::ops::silu(&gate)?,
+impl Mlp {
+    /// The MLP of `norm(x)` (`norm`: the layer's post-attention norm).
+    fn forward(&self, x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
+        let [gate, up] = project(x, Some(norm), [&self.gate_proj, &self.up_proj])?;
+        let h = match self.family {
+            Family::BitNet => Relu2MulOp.forward(&gate, &up)?,
+            Family::Llama => (candle_nn::ops::silu(&gate)? * up)?,
         };
-        let h = (act * self.up_proj.forward(x)?)?;
-        let h = match &self.sub_norm {
-            Some(n) => n.forward(&h)?,
-            None => h,
-        };
-        self.down_proj.forward(&h)
+        let [y] = project(&h, self.sub_norm.as_ref(), [&self.down_proj])?;
+        Ok(y)
     }
+}
+
+/// `linears` applied to `norm(x)` (or to `x`). On a GPU one launch normalizes and quantizes the
+/// input for all of them (the kernel crate's `cuda::linears_shared`, bit-identical to the
+/// separate ops); elsewhere the norm runs, then each layer quantizes for itself.
+fn project<const N: usize>(
+    x: &Tensor,
+    norm: Option<&RmsNorm>,
+    linears: [&BitLinear; N],
+) -> candle_core::Result<[Tensor; N]> {
+    #[cfg(feature = "cuda")]
+    let ys = if x.device().is_cuda() {
+        let ops = linears.map(|l| l.op());
+        bitnet_kernels::cuda::linears_shared(x, norm.map(|n| (&n.weight, n.eps)), &ops)?
+    } else {
+        project_separately(x, norm, &linears)?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let ys = project_separately(x, norm, &linears)?;
+    ys.try_into().map_err(|v: Vec<Tensor>| {
+        candle_core::Error::Msg(format!("expected {N} projections, got {}", v.len()))
+    })
+}
+
+fn project_separately(
+    x: &Tensor,
+    norm: Option<&RmsNorm>,
+    linears: &[&BitLinear],
+) -> candle_core::Result<Vec<Tensor>> {
+    let h = match norm {
+        Some(n) => n.forward(x)?,
+        None => x.clone(),
+    };
+    linears.iter().map(|l| l.forward(&h)).collect()
 }
 
 /// One pre-norm transformer block.
@@ -391,6 +428,19 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`; `attend(attention, x, input_layernorm)` is
+    /// the attention sub-block, norm included, up to and including `o_proj`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Attention, &Tensor, &RmsNorm) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let h = attend(&self.self_attn, x, &self.input_layernorm)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&x, &self.post_attention_layernorm)?;
+        x + h
+    }
+
     fn load(l: &mut Loader<'_>, index: usize) -> Result<Self> {
         let prefix = format!("model.layers.{index}");
         let h = l.config.hidden_size;
@@ -433,20 +483,17 @@ impl Model {
             let Some(lc) = cache.layer(i) else {
                 candle_core::bail!("KV cache has no slot for layer {i}");
             };
-            let h = layer.input_layernorm.forward(&x)?;
-            let h = layer.self_attn.forward(
-                &h,
-                &self.rotary,
-                offset,
-                mask.as_ref(),
-                lc,
-                max_context,
-            )?;
-            x = (x + h)?;
-            let h = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
-            x = (x + h)?;
+            x = layer.forward(&x, |attn, x, norm| {
+                attn.forward(
+                    x,
+                    norm,
+                    &self.rotary,
+                    offset,
+                    mask.as_ref(),
+                    lc,
+                    max_context,
+                )
+            })?;
         }
         cache.advance(t);
         self.norm.forward(&x)
@@ -503,6 +550,10 @@ pub struct ForCausalLM {
     config: Config,
     warnings: Vec<String>,
     prefill_chunk: usize,
+    /// Record CUDA decode steps as a graph (see `model/decode.rs`).
+    cuda_graphs: bool,
+    #[cfg(feature = "cuda")]
+    decode_graph: decode::DecodeGraph,
 }
 
 impl ForCausalLM {
@@ -654,6 +705,9 @@ impl ForCausalLM {
             } else {
                 DEFAULT_PREFILL_CHUNK_GPU
             },
+            cuda_graphs: true,
+            #[cfg(feature = "cuda")]
+            decode_graph: Default::default(),
         })
     }
 
@@ -675,6 +729,10 @@ impl ForCausalLM {
             return rayon::scope(|_| self.forward(input_ids, seqlen_offset));
         }
         let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
+        #[cfg(feature = "cuda")]
+        if self.decodes_on_cuda(ids.dim(0)?, t) {
+            return self.decode_cuda(&ids, seqlen_offset);
+        }
         let mut last = None;
         for start in (0..t).step_by(self.prefill_chunk) {
             let n = self.prefill_chunk.min(t - start);
@@ -811,6 +869,22 @@ impl ForCausalLM {
     /// attention memory grows with chunk × context. Values below 1 are treated as 1.
     pub fn set_prefill_chunk(&mut self, tokens: usize) {
         self.prefill_chunk = tokens.max(1);
+    }
+
+    /// Whether single-token steps on a CUDA device are recorded once as a CUDA graph and
+    /// replayed (default: on). Off, they run the same kernels launched one by one, which is
+    /// slower at batch 1 (for comparisons). No effect on other devices.
+    pub fn set_cuda_graphs(&mut self, enabled: bool) {
+        self.cuda_graphs = enabled;
+    }
+
+    /// Why single-token CUDA steps could not be recorded as a CUDA graph (they then run
+    /// eagerly), if that happened.
+    pub fn cuda_graph_error(&self) -> Option<&str> {
+        #[cfg(feature = "cuda")]
+        return self.decode_graph.failure();
+        #[cfg(not(feature = "cuda"))]
+        None
     }
 
     /// The model's hyper-parameters.

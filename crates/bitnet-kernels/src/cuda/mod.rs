@@ -16,7 +16,14 @@
 //! same sequence of IEEE f32 operations as on the CPU, so outputs match the CPU path bit for bit
 //! (tests/cuda.rs).
 //!
-//! The functions here expose each stage separately for tests and benchmarks.
+//! The functions here expose each stage separately for tests and benchmarks. Decoding adds
+//! [`attention`] (single-token attention against an f32 KV cache) and [`Graph`] (one launch
+//! for a recorded step).
+
+pub mod attention;
+mod graph;
+
+pub use graph::Graph;
 
 use std::sync::{Arc, Mutex};
 
@@ -112,6 +119,12 @@ fn cfg(grid: (usize, usize), threads: usize) -> LaunchConfig {
     }
 }
 
+/// Threads of a one-block-per-row kernel (quantization, RMSNorm) over `n` values: about four
+/// values per thread, held in registers (`ROW_REGS` in kernels/bitnet.cu), 128 to 1024 threads.
+fn row_threads(n: usize) -> usize {
+    n.div_ceil(4).next_multiple_of(32).clamp(128, 1024)
+}
+
 fn i32_arg(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bitnet cuda: {v} exceeds i32")))
 }
@@ -173,10 +186,16 @@ impl QuantizedActs {
     }
 }
 
-/// Kernel (a): quantizes a contiguous `[..., k]` f32/bf16 CUDA storage into `k_pad ≥ k` columns.
+/// RMSNorm weight `[k]` (same dtype as the activations) and epsilon, applied before
+/// quantizing (see [`linears_shared`]).
+type Norm<'a> = (&'a CudaStorage, &'a Layout, f32);
+
+/// Kernel (a): quantizes a contiguous `[..., k]` f32/bf16 CUDA storage into `k_pad ≥ k` columns,
+/// after an RMSNorm when `norm` is given (the norm's output rounded as it would be stored).
 fn quantize_storage(
     storage: &CudaStorage,
     layout: &Layout,
+    norm: Option<Norm<'_>>,
     k: usize,
     k_pad: usize,
 ) -> Result<QuantizedActs> {
@@ -186,6 +205,23 @@ fn quantize_storage(
         dims[..dims.len().saturating_sub(1)].iter().product()
     });
     let dev = storage.device().clone();
+    let (w, w0, eps) = match norm {
+        Some((w, wl, eps)) => {
+            let (w0, w1) = contiguous(wl, "rms-norm weight")?;
+            if w1 - w0 != k || w.dtype() != storage.dtype() {
+                candle_core::bail!(
+                    "rms-norm: weight {:?} {} for activations [.., {k}] {}",
+                    wl.dims(),
+                    w.dtype().as_str(),
+                    storage.dtype().as_str()
+                );
+            }
+            (w, w0, eps)
+        }
+        // Without a norm the kernel does not read the weight: pass the input in its place.
+        None => (storage, start, 0.0),
+    };
+    let has_norm = i32::from(norm.is_some());
     // SAFETY: every element the consumers read is written by the kernel below.
     let (mut q, mut scales, mut sums) = unsafe {
         (
@@ -196,23 +232,25 @@ fn quantize_storage(
     };
     if tokens > 0 {
         let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
-        let threads = if k_pad >= 1024 { 256 } else { 128 };
-        let launch = cfg((tokens, 1), threads);
+        let launch = cfg((tokens, 1), row_threads(k));
         macro_rules! run {
-            ($x:expr, $name:literal) => {{
-                let x = $x.slice(start..end);
+            ($x:expr, $w:expr, $name:literal) => {{
+                let (x, w) = ($x.slice(start..end), $w.slice(w0..));
                 let f = func(&dev, $name)?;
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
-                b.arg(&x).arg(&mut q).arg(&mut scales).arg(&mut sums);
+                b.arg(&x).arg(&w).arg(&has_norm).arg(&eps);
+                b.arg(&mut q).arg(&mut scales).arg(&mut sums);
                 b.arg(&ki).arg(&kpi);
                 // SAFETY: argument types and sizes match the kernel's signature.
                 unsafe { b.launch(launch) }.w()?;
             }};
         }
-        match &storage.slice {
-            CudaStorageSlice::F32(x) => run!(x, "bitnet_quant_f32"),
-            CudaStorageSlice::BF16(x) => run!(x, "bitnet_quant_bf16"),
+        match (&storage.slice, &w.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => run!(x, w, "bitnet_quant_f32"),
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
+                run!(x, w, "bitnet_quant_bf16")
+            }
             _ => {
                 return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
             }
@@ -238,9 +276,70 @@ pub fn quantize(x: &Tensor, k_pad: usize) -> Result<QuantizedActs> {
     }
     let (storage, layout) = x.storage_and_layout();
     match &*storage {
-        Storage::Cuda(s) => quantize_storage(s, layout, k, k_pad),
+        Storage::Cuda(s) => quantize_storage(s, layout, None, k, k_pad),
         _ => candle_core::bail!("bitnet cuda: quantize needs a CUDA tensor"),
     }
+}
+
+/// `ops` (BitLinears with the same input size) applied to `RMSNorm(x)` — or to `x` when `norm`
+/// is `None` — with **one** launch normalizing and quantizing for all of them, then one
+/// product launch each. Equal, bit for bit, to `ops[i].forward(&norm.forward(x))`: the
+/// quantizer sees the norm's output rounded exactly as the RMSNorm kernel stores it.
+///
+/// This is the decode-time fusion: q/k/v share the input norm, gate/up the post-attention norm,
+/// and `o_proj`/`down_proj` follow their sub-norms, so a layer needs four quantization launches
+/// instead of four norms and seven quantizations. `norm` is `(weight [k], eps)`.
+pub fn linears_shared(
+    x: &Tensor,
+    norm: Option<(&Tensor, f64)>,
+    ops: &[&BitLinearOp],
+) -> Result<Vec<Tensor>> {
+    let Some(first) = ops.first() else {
+        return Ok(Vec::new());
+    };
+    let w = first.weight();
+    let (k, k_pad) = (w.in_features(), w.padded_in_features());
+    if let Some(op) = ops.iter().find(|o| o.weight().in_features() != k) {
+        candle_core::bail!(
+            "linears_shared: input sizes differ ({k} and {})",
+            op.weight().in_features()
+        );
+    }
+    let x = x.contiguous()?;
+    let (dims, _) = linear_dims(x.layout(), k, 0)?;
+    let dtype = x.dtype();
+    let acts = {
+        let (xs, xl) = x.storage_and_layout();
+        let Storage::Cuda(xs) = &*xs else {
+            candle_core::bail!("linears_shared needs a CUDA tensor");
+        };
+        match norm {
+            Some((weight, eps)) => {
+                let (ws, wl) = weight.storage_and_layout();
+                let Storage::Cuda(ws) = &*ws else {
+                    candle_core::bail!("linears_shared: the norm weight must be on the GPU");
+                };
+                quantize_storage(xs, xl, Some((ws, wl, eps as f32)), k, k_pad)?
+            }
+            None => quantize_storage(xs, xl, None, k, k_pad)?,
+        }
+    };
+    let ys = bitlinears_quantized(ops, &acts, Kernel::Auto, dtype)?;
+    ops.iter()
+        .zip(ys)
+        .map(|(op, y)| {
+            let mut out = dims.clone();
+            if let Some(last) = out.last_mut() {
+                *last = op.weight().out_features();
+            }
+            Ok(Tensor::from_storage(
+                Storage::Cuda(y),
+                out,
+                candle_core::op::BackpropOp::none(),
+                false,
+            ))
+        })
+        .collect()
 }
 
 /// Kernels (b)–(d): the ternary product of `op`'s weight with quantized activations and the
@@ -251,87 +350,154 @@ pub fn bitlinear_quantized(
     kernel: Kernel,
     dtype: DType,
 ) -> Result<CudaStorage> {
+    let mut ys = bitlinears_quantized(&[op], acts, kernel, dtype)?;
+    ys.pop()
+        .ok_or_else(|| candle_core::Error::Msg("bitnet cuda: no product".into()))
+}
+
+/// [`bitlinear_quantized`] for several weights with the same input; the GEMV serves up to three
+/// of them per launch.
+fn bitlinears_quantized(
+    ops: &[&BitLinearOp],
+    acts: &QuantizedActs,
+    kernel: Kernel,
+    dtype: DType,
+) -> Result<Vec<CudaStorage>> {
     match dtype {
-        DType::F32 => product::<f32>(op, acts, kernel, "f32"),
-        DType::BF16 => product::<bf16>(op, acts, kernel, "bf16"),
+        DType::F32 => products::<f32>(ops, acts, kernel, "f32"),
+        DType::BF16 => products::<bf16>(ops, acts, kernel, "bf16"),
         other => Err(KernelError::UnsupportedDType(other.as_str()).into()),
     }
 }
 
-fn product<T: DeviceRepr + CudaDType>(
-    op: &BitLinearOp,
+/// Matrices per GEMV launch (`gemv_ternary` in kernels/bitnet.cu).
+const GEMV_MATRICES: usize = 3;
+
+fn products<T: DeviceRepr + CudaDType>(
+    ops: &[&BitLinearOp],
     acts: &QuantizedActs,
     kernel: Kernel,
     suffix: &str,
-) -> Result<CudaStorage> {
-    let w = op.weight();
+) -> Result<Vec<CudaStorage>> {
     let dev = &acts.dev;
-    if acts.k_pad != w.padded_in_features() {
-        candle_core::bail!(
-            "bitnet cuda: activations padded to {}, weight to {}",
-            acts.k_pad,
-            w.padded_in_features()
-        );
+    let (tokens, k_pad) = (acts.tokens, acts.k_pad);
+    let mut weights = Vec::with_capacity(ops.len());
+    let mut ys = Vec::with_capacity(ops.len());
+    for op in ops {
+        let w = op.weight();
+        if k_pad != w.padded_in_features() {
+            candle_core::bail!(
+                "bitnet cuda: activations padded to {k_pad}, weight to {}",
+                w.padded_in_features()
+            );
+        }
+        weights.push(op.cuda_weights().get_or_upload(dev, w.as_bytes(), 0x55)?);
+        // SAFETY: the kernels write every `[tokens, out]` element.
+        ys.push(unsafe { dev.alloc::<T>((tokens * w.out_features()).max(1))? });
     }
-    let (n, tokens, k_pad) = (w.out_features(), acts.tokens, acts.k_pad);
-    let wbuf = op.cuda_weights().get_or_upload(dev, w.as_bytes(), 0x55)?;
-    let wbuf: &CudaSlice<u8> = &wbuf;
-    // SAFETY: the kernels write every `[tokens, n]` element.
-    let mut y = unsafe { dev.alloc::<T>((tokens * n).max(1))? };
-    if tokens == 0 || n == 0 {
-        return Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()));
+    let divide = match ops.first() {
+        Some(op) => op.scale().1 == ScaleConvention::Divide,
+        None => false,
+    };
+    if ops
+        .iter()
+        .any(|op| (op.scale().1 == ScaleConvention::Divide) != divide)
+    {
+        candle_core::bail!("bitnet cuda: weights with different scale conventions");
     }
-    let (scale, convention) = op.scale();
-    let divide = i32::from(convention == ScaleConvention::Divide);
-    let (ni, nbi) = (i32_arg(n)?, i32_arg(w.padded_in_features() / crate::BLOCK)?);
-    let groups = n.div_ceil(4);
+    let divide = i32::from(divide);
+    let nbi = i32_arg(k_pad / crate::BLOCK)?;
     let kernel = match kernel {
         Kernel::Auto if tokens <= AUTO_GEMV_MAX_TOKENS => Kernel::Gemv,
         Kernel::Auto => Kernel::GemmMma,
         k => k,
     };
-    match kernel {
-        Kernel::Gemv => {
-            for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
-                let nt = GEMV_MAX_TOKENS.min(tokens - t0);
-                let f = func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?;
-                let (q, s, sums) = (
-                    acts.q.slice(t0 * k_pad..),
-                    acts.scales.slice(t0..),
-                    acts.sums.slice(t0..),
-                );
-                let mut yv = y.slice_mut(t0 * n..);
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&f);
-                b.arg(wbuf).arg(&q).arg(&s).arg(&sums).arg(&mut yv);
-                b.arg(&ni).arg(&nbi).arg(&scale).arg(&divide);
-                // 4 warps per block, one warp per group of 4 rows.
-                // SAFETY: argument types and sizes match the kernel's signature.
-                unsafe { b.launch(cfg((groups.div_ceil(4), 1), 128)) }.w()?;
+    if tokens > 0 {
+        let stream = dev.cuda_stream();
+        match kernel {
+            Kernel::Gemv => {
+                let idx: Vec<usize> = (0..ops.len()).collect();
+                for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
+                    let nt = GEMV_MAX_TOKENS.min(tokens - t0);
+                    let f = func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?;
+                    let (q, s, sums) = (
+                        acts.q.slice(t0 * k_pad..),
+                        acts.scales.slice(t0..),
+                        acts.sums.slice(t0..),
+                    );
+                    for chunk in idx.chunks(GEMV_MATRICES) {
+                        let rows: Vec<i32> = chunk
+                            .iter()
+                            .map(|&i| i32_arg(ops[i].weight().out_features()))
+                            .collect::<Result<_>>()?;
+                        let mut views: Vec<_> = ys
+                            .iter_mut()
+                            .enumerate()
+                            .filter(|(i, _)| chunk.contains(i))
+                            .map(|(i, y)| y.slice_mut(t0 * ops[i].weight().out_features()..))
+                            .collect();
+                        let groups: usize = chunk
+                            .iter()
+                            .map(|&i| ops[i].weight().out_features().div_ceil(4))
+                            .sum();
+                        if groups == 0 {
+                            continue;
+                        }
+                        let scales: Vec<f32> = chunk.iter().map(|&i| ops[i].scale().0).collect();
+                        let mut b = stream.launch_builder(&f);
+                        let mut views = views.iter_mut();
+                        // Unused slots get null pointers and no rows.
+                        let (null, none, one) = (0u64, 0i32, 1f32);
+                        for slot in 0..GEMV_MATRICES {
+                            match (chunk.get(slot), views.next()) {
+                                (Some(&i), Some(y)) => {
+                                    b.arg(&*weights[i])
+                                        .arg(y)
+                                        .arg(&rows[slot])
+                                        .arg(&scales[slot]);
+                                }
+                                _ => {
+                                    b.arg(&null).arg(&null).arg(&none).arg(&one);
+                                }
+                            }
+                        }
+                        b.arg(&q).arg(&s).arg(&sums).arg(&nbi).arg(&divide);
+                        // 4 warps per block, one warp per group of 4 rows.
+                        // SAFETY: argument types and sizes match the kernel's signature; a
+                        // slot with 0 rows is never written.
+                        unsafe { b.launch(cfg((groups.div_ceil(4), 1), 128)) }.w()?;
+                    }
+                }
             }
+            Kernel::GemmDp4a | Kernel::GemmMma => {
+                let (name, threads) = match kernel {
+                    Kernel::GemmDp4a => ("dp4a", 256),
+                    _ => ("mma", 128),
+                };
+                let f = func(dev, &format!("bitnet_gemm_{name}_{suffix}"))?;
+                let ti = i32_arg(tokens)?;
+                for ((op, wbuf), y) in ops.iter().zip(&weights).zip(&mut ys) {
+                    let n = op.weight().out_features();
+                    let (ni, scale) = (i32_arg(n)?, op.scale().0);
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&**wbuf)
+                        .arg(&acts.q)
+                        .arg(&acts.scales)
+                        .arg(&acts.sums)
+                        .arg(y);
+                    b.arg(&ni).arg(&nbi).arg(&ti).arg(&scale).arg(&divide);
+                    let grid = (n.div_ceil(4).div_ceil(16), tokens.div_ceil(64));
+                    // SAFETY: argument types and sizes match the kernel's signature.
+                    unsafe { b.launch(cfg(grid, threads)) }.w()?;
+                }
+            }
+            Kernel::Auto => unreachable!("resolved above"),
         }
-        Kernel::GemmDp4a | Kernel::GemmMma => {
-            let (name, threads) = match kernel {
-                Kernel::GemmDp4a => ("dp4a", 256),
-                _ => ("mma", 128),
-            };
-            let f = func(dev, &format!("bitnet_gemm_{name}_{suffix}"))?;
-            let ti = i32_arg(tokens)?;
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(wbuf)
-                .arg(&acts.q)
-                .arg(&acts.scales)
-                .arg(&acts.sums)
-                .arg(&mut y);
-            b.arg(&ni).arg(&nbi).arg(&ti).arg(&scale).arg(&divide);
-            let grid = (groups.div_ceil(16), tokens.div_ceil(64));
-            // SAFETY: argument types and sizes match the kernel's signature.
-            unsafe { b.launch(cfg(grid, threads)) }.w()?;
-        }
-        Kernel::Auto => unreachable!("resolved above"),
     }
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(ys
+        .into_iter()
+        .map(|y| CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        .collect())
 }
 
 /// `BitLinearOp::cuda_fwd`: quantize, then the product chosen by `kernel`.
@@ -347,7 +513,13 @@ pub(crate) fn bitlinear_fwd(
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(KernelError::UnsupportedDType(dtype.as_str()).into());
     }
-    let acts = quantize_storage(storage, layout, w.in_features(), w.padded_in_features())?;
+    let acts = quantize_storage(
+        storage,
+        layout,
+        None,
+        w.in_features(),
+        w.padded_in_features(),
+    )?;
     let y = bitlinear_quantized(op, &acts, kernel, dtype)?;
     Ok((y, Shape::from(dims)))
 }
@@ -396,7 +568,8 @@ pub(crate) fn bf16_linear_fwd(
     let mut y = unsafe { dev.alloc::<f32>((tokens * rows).max(1))? };
     if tokens > 0 && rows > 0 {
         let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
-        let vec = i32::from(cols.is_multiple_of(8));
+        // 16-byte loads need 8-element-aligned rows (candle's buffers are 256-byte aligned).
+        let vec = i32::from(cols.is_multiple_of(8) && start.is_multiple_of(8));
         for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
             let nt = GEMV_MAX_TOKENS.min(tokens - t0);
             let mut yv = y.slice_mut(t0 * rows..);
@@ -457,9 +630,8 @@ pub(crate) fn rms_norm_fwd(
                 let mut b = stream.launch_builder(&f);
                 let hi = i32_arg(h)?;
                 b.arg(&xs).arg(&ws).arg(&mut y).arg(&hi).arg(&eps);
-                let threads = if h >= 2048 { 256 } else { 128 };
                 // SAFETY: argument types and sizes match the kernel's signature.
-                unsafe { b.launch(cfg((rows, 1), threads)) }.w()?;
+                unsafe { b.launch(cfg((rows, 1), row_threads(h))) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};
@@ -478,4 +650,46 @@ pub(crate) fn rms_norm_fwd(
         ),
     };
     Ok((y, xl.shape().clone()))
+}
+
+/// `Relu2MulOp::cuda_fwd` on the contiguous ranges `go` of `g` and `uo` of `u`.
+pub(crate) fn relu2_mul_fwd(
+    g: &CudaStorage,
+    (g0, g1): (usize, usize),
+    u: &CudaStorage,
+    (u0, _): (usize, usize),
+) -> Result<CudaStorage> {
+    let n = g1 - g0;
+    let dev = g.device().clone();
+    let ni = i32_arg(n)?;
+    let blocks = n.div_ceil(256).clamp(1, 4096);
+    macro_rules! run {
+        ($g:expr, $u:expr, $t:ty, $name:literal) => {{
+            // SAFETY: the kernel writes every element.
+            let mut y = unsafe { dev.alloc::<$t>(n.max(1))? };
+            if n > 0 {
+                let (gs, us) = ($g.slice(g0..g1), $u.slice(u0..u0 + n));
+                let f = func(&dev, $name)?;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&gs).arg(&us).arg(&mut y).arg(&ni);
+                // SAFETY: argument types and sizes match the kernel's signature.
+                unsafe { b.launch(cfg((blocks, 1), 256)) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(match (&g.slice, &u.slice) {
+        (CudaStorageSlice::F32(gs), CudaStorageSlice::F32(us)) => {
+            run!(gs, us, f32, "bitnet_relu2_mul_f32")
+        }
+        (CudaStorageSlice::BF16(gs), CudaStorageSlice::BF16(us)) => {
+            run!(gs, us, bf16, "bitnet_relu2_mul_bf16")
+        }
+        _ => candle_core::bail!(
+            "relu2-mul: gate {} and up {} must both be f32 or both bf16",
+            g.dtype().as_str(),
+            u.dtype().as_str()
+        ),
+    })
 }
