@@ -64,6 +64,11 @@ bench = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "b
             "-p", "512", "-n", "128", "-r", "3")
 print("\nbitnet bench (CUDA, bf16):\n" + bench.stdout + bench.stderr[-600:])
 results["bitnet_bench"] = bench.stdout
+# The same decode with every kernel launched from the host (what the CUDA graph saves).
+eager = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
+            "-p", "0", "-n", "128", "-r", "3", "--no-cuda-graph")
+print("\nbitnet bench --no-cuda-graph (CUDA, bf16):\n" + eager.stdout)
+results["bitnet_bench_no_graph"] = eager.stdout
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

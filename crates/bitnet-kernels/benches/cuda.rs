@@ -162,6 +162,60 @@ fn main() -> Result<()> {
         }
     }
 
+    // Decode-time fusion (one token, bf16 activations as in the model): RMSNorm + quantization
+    // in one launch shared by q/k/v (one 3-matrix GEMV) or gate/up, against the separate ops.
+    let norm_w = Tensor::ones(2560, DType::BF16, &device)?;
+    let x = Tensor::randn(0f32, 1.0, (1, 2560), &device)?.to_dtype(DType::BF16)?;
+    for (name, outs) in [
+        ("q/k/v", vec![2560usize, 640, 640]),
+        ("gate/up", vec![6912, 6912]),
+    ] {
+        let layer_bytes: usize = outs.iter().map(|&o| o * 2560 / 4).sum();
+        let copies = (WORKING_SET / layer_bytes).max(2);
+        let groups: Vec<Vec<BitLinearOp>> = (0..copies)
+            .map(|_| {
+                outs.iter()
+                    .map(|&o| {
+                        let t: Vec<i8> =
+                            (0..o * 2560).map(|_| rng.random_range(-1i8..=1)).collect();
+                        let w = TernaryWeight::from_ternary(&t, o, 2560).expect("valid ternary");
+                        BitLinearOp::new(Arc::new(w), 0.5, ScaleConvention::Multiply)
+                    })
+                    .collect()
+            })
+            .collect();
+        let weight_bytes: usize = groups[0].iter().map(|o| o.weight().storage_bytes()).sum();
+        let macs = outs.iter().sum::<usize>() * 2560;
+        let norm = bitnet_kernels::RmsNormOp::new(1e-5);
+        let us = time_us(&stream, copies, |i| {
+            let ops: Vec<&BitLinearOp> = groups[i % copies].iter().collect();
+            cuda::linears_shared(&x, Some((&norm_w, 1e-5)), &ops).map(drop)
+        })?;
+        let shape = format!("2560→{name}");
+        rows.push(Row {
+            shape: shape.clone(),
+            batch: 1,
+            what: "linears_shared: norm+quantize, one GEMV launch".into(),
+            us,
+            weight_bytes,
+            macs,
+        });
+        let us = time_us(&stream, copies, |i| {
+            let h = norm.forward(&x, &norm_w)?;
+            groups[i % copies]
+                .iter()
+                .try_for_each(|op| op.forward(&h).map(drop))
+        })?;
+        rows.push(Row {
+            shape,
+            batch: 1,
+            what: "RmsNormOp, then each BitLinearOp".into(),
+            us,
+            weight_bytes,
+            macs,
+        });
+    }
+
     // The LM head: BF16 128256 × 2560 (657 MB, far over L2: one copy suffices).
     let (vocab, hidden) = (128_256usize, 2560usize);
     let mut state = 0x9e37_79b9_7f4a_7c15u64;

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
@@ -162,15 +162,44 @@ fn contiguous(layout: &Layout, what: &str) -> Result<(usize, usize)> {
 /// Quantized activations on a GPU: `tokens × padded_len` int8 (stored as u8), per-token scale
 /// and per-token sum of the quantized values.
 pub struct QuantizedActs {
-    q: CudaSlice<u8>,
-    scales: CudaSlice<f32>,
-    sums: CudaSlice<i32>,
+    /// One allocation (a decode step makes many; in a CUDA graph each is a node): the int8
+    /// values `[tokens, k_pad]`, then `tokens` f32 scales, then `tokens` i32 sums.
+    buf: CudaSlice<u8>,
     tokens: usize,
     k_pad: usize,
     dev: CudaDevice,
 }
 
 impl QuantizedActs {
+    /// Bytes of one allocation holding `tokens` rows of `k_pad` values, their scales and sums
+    /// (`k_pad` is a multiple of 256, so the scales are aligned).
+    fn bytes(tokens: usize, k_pad: usize) -> usize {
+        tokens * (k_pad + 8)
+    }
+
+    /// The values from token `t0` on.
+    fn q(&self, t0: usize) -> CudaView<'_, u8> {
+        self.buf.slice(t0 * self.k_pad..self.tokens * self.k_pad)
+    }
+
+    /// The scales from token `t0` on.
+    fn scales(&self, t0: usize) -> Result<CudaView<'_, f32>> {
+        let start = self.tokens * self.k_pad + 4 * t0;
+        let n = self.tokens - t0;
+        // SAFETY: any 4 bytes are a valid f32; `start` is 4-byte aligned (k_pad % 256 == 0).
+        unsafe { self.buf.slice(start..start + 4 * n).transmute::<f32>(n) }
+            .ok_or_else(|| candle_core::Error::Msg("bitnet cuda: scales out of range".into()))
+    }
+
+    /// The sums of quantized values from token `t0` on.
+    fn sums(&self, t0: usize) -> Result<CudaView<'_, i32>> {
+        let start = self.tokens * (self.k_pad + 4) + 4 * t0;
+        let n = self.tokens - t0;
+        // SAFETY: any 4 bytes are a valid i32; `start` is 4-byte aligned.
+        unsafe { self.buf.slice(start..start + 4 * n).transmute::<i32>(n) }
+            .ok_or_else(|| candle_core::Error::Msg("bitnet cuda: sums out of range".into()))
+    }
+
     /// Number of tokens.
     pub fn tokens(&self) -> usize {
         self.tokens
@@ -178,10 +207,9 @@ impl QuantizedActs {
 
     /// Copies values, scales and sums back to the host (for tests).
     pub fn to_host(&self) -> Result<(Vec<i8>, Vec<f32>, Vec<i32>)> {
-        let n = self.tokens * self.k_pad;
-        let q = self.dev.clone_dtoh(&self.q.slice(..n))?;
-        let s = self.dev.clone_dtoh(&self.scales.slice(..self.tokens))?;
-        let sums = self.dev.clone_dtoh(&self.sums.slice(..self.tokens))?;
+        let q = self.dev.clone_dtoh(&self.q(0))?;
+        let s = self.dev.clone_dtoh(&self.scales(0)?)?;
+        let sums = self.dev.clone_dtoh(&self.sums(0)?)?;
         Ok((q.into_iter().map(|v| v as i8).collect(), s, sums))
     }
 }
@@ -223,13 +251,7 @@ fn quantize_storage(
     };
     let has_norm = i32::from(norm.is_some());
     // SAFETY: every element the consumers read is written by the kernel below.
-    let (mut q, mut scales, mut sums) = unsafe {
-        (
-            dev.alloc::<u8>((tokens * k_pad).max(1))?,
-            dev.alloc::<f32>(tokens.max(1))?,
-            dev.alloc::<i32>(tokens.max(1))?,
-        )
-    };
+    let mut buf = unsafe { dev.alloc::<u8>(QuantizedActs::bytes(tokens, k_pad).max(1))? };
     if tokens > 0 {
         let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
         let launch = cfg((tokens, 1), row_threads(k));
@@ -238,6 +260,9 @@ fn quantize_storage(
                 let (x, w) = ($x.slice(start..end), $w.slice(w0..));
                 let f = func(&dev, $name)?;
                 let stream = dev.cuda_stream();
+                let qn = tokens * k_pad;
+                let (mut q, mut rest) = buf.split_at_mut(qn);
+                let (mut scales, mut sums) = rest.split_at_mut(4 * tokens);
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x).arg(&w).arg(&has_norm).arg(&eps);
                 b.arg(&mut q).arg(&mut scales).arg(&mut sums);
@@ -257,9 +282,7 @@ fn quantize_storage(
         }
     }
     Ok(QuantizedActs {
-        q,
-        scales,
-        sums,
+        buf,
         tokens,
         k_pad,
         dev,
@@ -420,11 +443,7 @@ fn products<T: DeviceRepr + CudaDType>(
                 for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
                     let nt = GEMV_MAX_TOKENS.min(tokens - t0);
                     let f = func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?;
-                    let (q, s, sums) = (
-                        acts.q.slice(t0 * k_pad..),
-                        acts.scales.slice(t0..),
-                        acts.sums.slice(t0..),
-                    );
+                    let (q, s, sums) = (acts.q(t0), acts.scales(t0)?, acts.sums(t0)?);
                     for chunk in idx.chunks(GEMV_MATRICES) {
                         let rows: Vec<i32> = chunk
                             .iter()
@@ -480,11 +499,8 @@ fn products<T: DeviceRepr + CudaDType>(
                     let n = op.weight().out_features();
                     let (ni, scale) = (i32_arg(n)?, op.scale().0);
                     let mut b = stream.launch_builder(&f);
-                    b.arg(&**wbuf)
-                        .arg(&acts.q)
-                        .arg(&acts.scales)
-                        .arg(&acts.sums)
-                        .arg(y);
+                    let (q, s, sums) = (acts.q(0), acts.scales(0)?, acts.sums(0)?);
+                    b.arg(&**wbuf).arg(&q).arg(&s).arg(&sums).arg(y);
                     b.arg(&ni).arg(&nbi).arg(&ti).arg(&scale).arg(&divide);
                     let grid = (n.div_ceil(4).div_ceil(16), tokens.div_ceil(64));
                     // SAFETY: argument types and sizes match the kernel's signature.
