@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use bitnet_kernels::cuda::{self, Kernel};
-use bitnet_kernels::{Bf16LinearOp, Bf16Matrix, BitLinearOp, ScaleConvention, TernaryWeight};
+use bitnet_kernels::{
+    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, ScaleConvention, TernaryWeight,
+};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
 use candle_core::{DType, Device, Result, Tensor};
@@ -189,7 +191,7 @@ fn main() -> Result<()> {
         let norm = bitnet_kernels::RmsNormOp::new(1e-5);
         let us = time_us(&stream, copies, |i| {
             let ops: Vec<&BitLinearOp> = groups[i % copies].iter().collect();
-            cuda::linears_shared(&x, Some((&norm_w, 1e-5)), &ops).map(drop)
+            cuda::linears_shared(LinearInput::Plain(&x), Some((&norm_w, 1e-5)), &ops).map(drop)
         })?;
         let shape = format!("2560→{name}");
         rows.push(Row {

@@ -61,26 +61,52 @@ __device__ __forceinline__ float block_max(float m, float* red) {
     return m;
 }
 
-// Loads this thread's first ROW_REGS values of row xr (zero past h).
+// What a row kernel reads at column i (src/cuda/mod.rs `LinearInput`): x, x + r (a residual add),
+// or relu(x)^2 * r (BitNet's gated activation), each rounded to T as the separate ops round.
+#define INPUT_PLAIN 0
+#define INPUT_ADD 1
+#define INPUT_RELU2_MUL 2
+
 template <typename T>
-__device__ __forceinline__ void load_row(const T* __restrict__ xr, int h, float (&v)[ROW_REGS]) {
+struct RowInput {
+    const T* __restrict__ x;
+    const T* __restrict__ r;
+    int mode;
+    __device__ __forceinline__ float operator()(int i) const {
+        const float a = to_f32(x[i]);
+        if (mode == INPUT_ADD) return round_to(__fadd_rn(a, to_f32(r[i])), T());
+        if (mode == INPUT_RELU2_MUL) {
+            const float p = fmaxf(a, 0.0f);
+            return round_to(__fmul_rn(round_to(__fmul_rn(p, p), T()), to_f32(r[i])), T());
+        }
+        return a;
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ RowInput<T> plain(const T* x) {
+    return RowInput<T>{x, x, INPUT_PLAIN};
+}
+
+// Loads this thread's first ROW_REGS values of a row (zero past h).
+template <typename F>
+__device__ __forceinline__ void load_row(const F& get, int h, float (&v)[ROW_REGS]) {
 #pragma unroll
     for (int r = 0; r < ROW_REGS; ++r) {
         const int i = threadIdx.x + r * blockDim.x;
-        v[r] = i < h ? to_f32(xr[i]) : 0.0f;
+        v[r] = i < h ? get(i) : 0.0f;
     }
 }
 
-// 1 / sqrt(mean(x^2) + eps) of row xr, whose register part the caller loaded into v.
-template <typename T>
-__device__ float inv_rms(const T* __restrict__ xr, const float (&v)[ROW_REGS], int h, float eps,
-                         float* red) {
+// 1 / sqrt(mean(x^2) + eps) of a row, whose register part the caller loaded into v.
+template <typename F>
+__device__ float inv_rms(const F& get, const float (&v)[ROW_REGS], int h, float eps, float* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float ss = 0.0f;
 #pragma unroll
     for (int r = 0; r < ROW_REGS; ++r) ss = __fadd_rn(ss, __fmul_rn(v[r], v[r]));
     for (int i = ROW_REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x) {
-        const float u = to_f32(xr[i]);
+        const float u = get(i);
         ss = __fadd_rn(ss, __fmul_rn(u, u));
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -91,42 +117,59 @@ __device__ float inv_rms(const T* __restrict__ xr, const float (&v)[ROW_REGS], i
     return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, (float)h), eps)));
 }
 
-// RMSNorm of value x at column i before the final rounding: transformers' LlamaRMSNorm
+// RMSNorm of value x with weight w before the final rounding: transformers' LlamaRMSNorm
 // normalizes in f32, rounds to T, then multiplies by the weight (the caller rounds that to T).
 template <typename T>
-__device__ __forceinline__ float normed(float x, float inv, const T* __restrict__ w, int i) {
-    return __fmul_rn(to_f32(w[i]), round_to(__fmul_rn(x, inv), T()));
+__device__ __forceinline__ float normed(float x, float inv, float w) {
+    return __fmul_rn(w, round_to(__fmul_rn(x, inv), T()));
 }
 
 // ---------------------------------------------------------------------------------------------
-// (a) Activation quantization, optionally of RMSNorm(x) (norm_w != 0: the norm's output rounded
-// to T, exactly what the RMSNorm kernel would store, then quantized; one launch instead of two).
+// (a) Activation quantization of a row input (see RowInput; with INPUT_ADD the sum is also stored
+// to `sum_out`, the new residual stream), optionally after an RMSNorm (norm != 0: the norm's
+// output rounded to T, exactly what the RMSNorm kernel would store). One launch replaces the add
+// or the gated activation, the norm and the quantization.
 // q is [tokens, k_pad] int8 with zero padding; scales [tokens] f32; sums [tokens] i32 (sum of q).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ w, int norm, float eps,
-                              int8_t* __restrict__ q, float* __restrict__ scales,
+__device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin, int mode,
+                              T* __restrict__ sum_out, const T* __restrict__ w, int norm,
+                              float eps, int8_t* __restrict__ q, float* __restrict__ scales,
                               int* __restrict__ sums, int k, int k_pad) {
     __shared__ float red_n[32], red_f[32];
     __shared__ int red_i[32];
     const int t = blockIdx.x;
-    const T* xr = x + (size_t)t * k;
+    const RowInput<T> in{x + (size_t)t * k, rin + (size_t)t * k, mode};
     int8_t* qr = q + (size_t)t * k_pad;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int stride = blockDim.x, tail = ROW_REGS * stride;
 
-    float v[ROW_REGS];
-    load_row(xr, k, v);
-    const float inv = norm ? inv_rms(xr, v, k, eps, red_n) : 1.0f;
-    auto value = [&](float raw, int i) { return norm ? round_to(normed(raw, inv, w, i), T()) : raw; };
+    float v[ROW_REGS], wv[ROW_REGS] = {};
+    load_row(in, k, v);
+    // The norm weights are loaded before the reduction needs them, not after it.
+    if (norm) load_row(plain(w), k, wv);
+    if (mode == INPUT_ADD) {
+        T* so = sum_out + (size_t)t * k;
+#pragma unroll
+        for (int r = 0; r < ROW_REGS; ++r) {
+            const int i = threadIdx.x + r * stride;
+            if (i < k) store_out(so, i, v[r]);
+        }
+        for (int i = tail + threadIdx.x; i < k; i += stride) store_out(so, i, in(i));
+    }
+    const float inv = norm ? inv_rms(in, v, k, eps, red_n) : 1.0f;
+    auto value = [&](int i, float raw, float wi) {
+        return norm ? round_to(normed<T>(raw, inv, wi), T()) : raw;
+    };
+    auto at = [&](int i) { return value(i, in(i), norm ? to_f32(w[i]) : 0.0f); };
     float m = 0.0f;
 #pragma unroll
     for (int r = 0; r < ROW_REGS; ++r) {
         const int i = threadIdx.x + r * stride;
-        if (i < k) v[r] = value(v[r], i);
+        if (i < k) v[r] = value(i, v[r], wv[r]);
         m = fmaxf(m, fabsf(v[r]));
     }
-    for (int i = tail + threadIdx.x; i < k; i += stride) m = fmaxf(m, fabsf(value(to_f32(xr[i]), i)));
+    for (int i = tail + threadIdx.x; i < k; i += stride) m = fmaxf(m, fabsf(at(i)));
     m = block_max(m, red_f);
     const float s = __fdiv_rn(127.0f, fmaxf(m, 1e-5f));
 
@@ -146,7 +189,7 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ w, 
         }
     }
     for (int i = tail + threadIdx.x; i < k_pad; i += stride) {
-        const int c = i < k ? quant(value(to_f32(xr[i]), i)) : 0;
+        const int c = i < k ? quant(at(i)) : 0;
         qr[i] = (int8_t)c;
         sum += c;
     }
@@ -161,15 +204,14 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ w, 
     }
 }
 
-extern "C" __global__ void bitnet_quant_f32(const float* x, const float* w, int norm, float eps,
-                                            int8_t* q, float* s, int* sums, int k, int k_pad) {
-    quantize_rows(x, w, norm, eps, q, s, sums, k, k_pad);
-}
-extern "C" __global__ void bitnet_quant_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                             int norm, float eps, int8_t* q, float* s, int* sums,
-                                             int k, int k_pad) {
-    quantize_rows(x, w, norm, eps, q, s, sums, k, k_pad);
-}
+#define QUANT(NAME, T)                                                                            \
+    extern "C" __global__ void bitnet_quant_##NAME(const T* x, const T* r, int mode, T* sum_out,  \
+                                                   const T* w, int norm, float eps, int8_t* q,    \
+                                                   float* s, int* sums, int k, int k_pad) {       \
+        quantize_rows(x, r, mode, sum_out, w, norm, eps, q, s, sums, k, k_pad);                   \
+    }
+QUANT(f32, float)
+QUANT(bf16, __nv_bfloat16)
 
 // ---------------------------------------------------------------------------------------------
 // (b) GEMV for NT <= 8 tokens: one warp per group of 4 rows. The group's nb*256 bytes are read as
@@ -518,16 +560,17 @@ __device__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, 
     __shared__ float red[32];
     const T* xr = x + (size_t)blockIdx.x * h;
     T* yr = y + (size_t)blockIdx.x * h;
-    float v[ROW_REGS];
-    load_row(xr, h, v);
-    const float inv = inv_rms(xr, v, h, eps, red);
+    float v[ROW_REGS], wv[ROW_REGS];
+    load_row(plain(xr), h, v);
+    load_row(plain(w), h, wv);
+    const float inv = inv_rms(plain(xr), v, h, eps, red);
 #pragma unroll
     for (int r = 0; r < ROW_REGS; ++r) {
         const int i = threadIdx.x + r * blockDim.x;
-        if (i < h) store_out(yr, i, normed(v[r], inv, w, i));
+        if (i < h) store_out(yr, i, normed<T>(v[r], inv, wv[r]));
     }
     for (int i = ROW_REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x)
-        store_out(yr, i, normed(to_f32(xr[i]), inv, w, i));
+        store_out(yr, i, normed<T>(to_f32(xr[i]), inv, to_f32(w[i])));
 }
 
 extern "C" __global__ void bitnet_rms_norm_f32(const float* x, const float* w, float* y, int h,
@@ -701,10 +744,9 @@ ATTN(bf16, __nv_bfloat16)
 template <typename T>
 __device__ void relu2_mul(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
                           int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const float r = fmaxf(to_f32(g[i]), 0.0f);
-        store_out(y, i, __fmul_rn(round_to(__fmul_rn(r, r), T()), to_f32(u[i])));
-    }
+    const RowInput<T> in{g, u, INPUT_RELU2_MUL};
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        store_out(y, i, in(i));
 }
 
 extern "C" __global__ void bitnet_relu2_mul_f32(const float* g, const float* u, float* y, int n) {

@@ -1,4 +1,5 @@
-//! [`Relu2MulOp`]: BitNet b1.58 2B-4T's gated activation `relu(gate)² · up` in one pass.
+//! [`Relu2MulOp`]: BitNet b1.58 2B-4T's gated activation `relu(gate)² · up` in one pass, and
+//! [`LinearInput`]: what a group of BitLinears reads before its norm (fused on a GPU).
 //!
 //! As three candle ops it is three passes over the MLP's widest activations (and at batch 1 on
 //! a GPU, three launches per layer). The rounding points stay those of the three ops and of
@@ -94,5 +95,32 @@ impl CustomOp2 for Relu2MulOp {
             crate::cuda::relu2_mul_fwd(g, go, u, uo)?,
             gl.shape().clone(),
         ))
+    }
+}
+
+/// What a group of BitLinears reads before their norm: a tensor, a residual sum, or the gated
+/// activation. On a GPU `cuda::linears_shared` forms it inside the quantization launch;
+/// [`LinearInput::materialize`] computes it with the separate ops (any device).
+#[derive(Clone, Copy, Debug)]
+pub enum LinearInput<'a> {
+    /// `x` itself.
+    Plain(&'a Tensor),
+    /// `x + r`, a residual add (the sum is the new residual stream).
+    Add(&'a Tensor, &'a Tensor),
+    /// `relu(gate)² · up` ([`Relu2MulOp`]).
+    Relu2Mul(&'a Tensor, &'a Tensor),
+}
+
+impl LinearInput<'_> {
+    /// The input as a tensor, and the residual sum for [`LinearInput::Add`].
+    pub fn materialize(&self) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        Ok(match *self {
+            LinearInput::Plain(x) => (x.clone(), None),
+            LinearInput::Add(x, r) => {
+                let s = (x + r)?;
+                (s.clone(), Some(s))
+            }
+            LinearInput::Relu2Mul(g, u) => (Relu2MulOp.forward(g, u)?, None),
+        })
     }
 }

@@ -33,7 +33,7 @@ pub mod cuda;
 pub mod pack;
 pub mod quant;
 
-pub use act::Relu2MulOp;
+pub use act::{LinearInput, Relu2MulOp};
 pub use dense::{Bf16LinearOp, Bf16Matrix, HeadLinearOp, HeadMatrix};
 pub use error::{KernelError, Result};
 pub use int8::{I8LinearOp, I8Matrix};

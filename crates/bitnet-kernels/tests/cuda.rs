@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use bitnet_kernels::cuda::{self, Kernel};
 use bitnet_kernels::quant::QuantizedActivations;
 use bitnet_kernels::{
-    Bf16LinearOp, Bf16Matrix, BitLinearOp, RmsNormOp, ScaleConvention, TernaryWeight,
+    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, RmsNormOp, ScaleConvention, TernaryWeight,
 };
 use candle_core::{DType, Device, IndexOp, Tensor};
 use half::bf16;
@@ -689,9 +689,9 @@ fn relu2_mul_matches_cpu() {
     }
 }
 
-/// One fused norm+quantize launch shared by several BitLinears equals, bit for bit, the norm
-/// kernel followed by each BitLinear (and the plain quantizer without a norm); four weights
-/// take two multi-matrix GEMV launches.
+/// One fused launch (input: x, x + r or relu(x)²·r; then the norm; then quantization) shared by
+/// several BitLinears equals, bit for bit, the separate ops followed by each BitLinear; four
+/// weights take two multi-matrix GEMV launches; the residual sum equals candle's add.
 #[test]
 fn linears_shared_matches_separate_ops() {
     let dev = gpu();
@@ -717,6 +717,9 @@ fn linears_shared_matches_separate_ops() {
             .collect();
         let refs: Vec<&BitLinearOp> = ops.iter().collect();
         let x = random_acts(&mut rng, tokens, inp);
+        let r: Vec<f32> = (0..tokens * inp)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
         let nw: Vec<f32> = (0..inp).map(|_| rng.random_range(0.5..1.5)).collect();
         for dtype in [DType::F32, DType::BF16] {
             let t = |v: &[f32], shape: &[usize]| {
@@ -728,13 +731,22 @@ fn linears_shared_matches_separate_ops() {
                     .unwrap()
             };
             let (xg, wg) = (t(&x, &[1, tokens, inp]), t(&nw, &[inp]));
-            let normed = RmsNormOp::new(1e-5).forward(&xg, &wg).unwrap();
-            for (norm, input) in [(Some((&wg, 1e-5)), &normed), (None, &xg)] {
-                let got = cuda::linears_shared(&xg, norm, &refs).unwrap();
-                for (op, y) in ops.iter().zip(got) {
-                    let want = op.forward(input).unwrap();
-                    assert_eq!(y.dims(), want.dims());
-                    let v = |t: Tensor| -> Vec<f32> {
+            let rg = t(&r, &[1, tokens, inp]);
+            let inputs = [
+                LinearInput::Plain(&xg),
+                LinearInput::Add(&xg, &rg),
+                LinearInput::Relu2Mul(&xg, &rg),
+            ];
+            for input in inputs {
+                let (formed, want_sum) = input.materialize().unwrap();
+                let normed = RmsNormOp::new(1e-5).forward(&formed, &wg).unwrap();
+                for (norm, separate) in [(Some((&wg, 1e-5)), &normed), (None, &formed)] {
+                    let (sum, got) = cuda::linears_shared(input, norm, &refs).unwrap();
+                    let case = format!(
+                        "inp={inp} tokens={tokens} {dtype:?} {input:?} norm={}",
+                        norm.is_some()
+                    );
+                    let v = |t: &Tensor| -> Vec<f32> {
                         t.to_dtype(DType::F32)
                             .unwrap()
                             .flatten_all()
@@ -742,12 +754,22 @@ fn linears_shared_matches_separate_ops() {
                             .to_vec1()
                             .unwrap()
                     };
-                    assert_eq!(
-                        v(y),
-                        v(want),
-                        "inp={inp} tokens={tokens} {dtype:?} norm={}",
-                        norm.is_some()
-                    );
+                    match (&sum, &want_sum) {
+                        // NaN inputs (one token has one) give NaN sums on both sides.
+                        (Some(s), Some(w)) => assert!(
+                            v(s).iter()
+                                .zip(v(w))
+                                .all(|(a, b)| *a == b || (a.is_nan() && b.is_nan())),
+                            "sum {case}"
+                        ),
+                        (None, None) => {}
+                        _ => panic!("residual sum presence differs: {case}"),
+                    }
+                    for (op, y) in ops.iter().zip(got) {
+                        let want = op.forward(separate).unwrap();
+                        assert_eq!(y.dims(), want.dims());
+                        assert_eq!(v(&y), v(&want), "{case}");
+                    }
                 }
             }
         }

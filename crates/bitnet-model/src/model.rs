@@ -33,7 +33,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use bitnet_kernels::{Bf16Matrix, Relu2MulOp, RmsNormOp};
+use bitnet_kernels::{Bf16Matrix, LinearInput, RmsNormOp};
 use candle_core::{DType, Device, Module, Tensor};
 use half::bf16;
 
@@ -114,10 +114,20 @@ impl Loader<'_> {
                 .map_err(|e| t.bad(e.to_string()))?
         } else if self.dtype == DType::BF16 || t.dtype == safetensors::Dtype::BF16 {
             let values: Vec<bf16> = if t.dtype == safetensors::Dtype::BF16 && t.shape == shape {
-                t.data
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                    .collect()
+                // Piece by piece, releasing each piece's mapped pages once copied: the 2B-4T
+                // table is 657 MB, and mapped + copied at once it set the load's peak RSS.
+                const PIECE: usize = 32 << 20;
+                let mut v = Vec::with_capacity(t.data.len() / 2);
+                for (i, piece) in t.data.chunks(PIECE).enumerate() {
+                    v.extend(
+                        piece
+                            .chunks_exact(2)
+                            .map(|b| bf16::from_le_bytes([b[0], b[1]])),
+                    );
+                    self.weights
+                        .release_part(name, i * PIECE..i * PIECE + piece.len());
+                }
+                v
             } else {
                 t.to_f32_vec(shape)?
                     .into_iter()
@@ -306,7 +316,8 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
-        let [q, k, v] = project(x, Some(norm), [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let (_, [q, k, v]) = project(LinearInput::Plain(x), Some(norm), qkv)?;
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = rope.apply(&q, &k, offset)?;
         let f32 = |y: &Tensor| y.to_dtype(DType::F32);
@@ -337,7 +348,11 @@ impl Attention {
 
     /// `o_proj(attn_sub_norm(out))` of the heads' concatenated output `[b, t, heads · head_dim]`.
     fn output(&self, out: &Tensor) -> candle_core::Result<Tensor> {
-        let [y] = project(out, self.sub_norm.as_ref(), [&self.o_proj])?;
+        let (_, [y]) = project(
+            LinearInput::Plain(out),
+            self.sub_norm.as_ref(),
+            [&self.o_proj],
+        )?;
         Ok(y)
     }
 }
@@ -372,50 +387,77 @@ impl Mlp {
 }
 
 impl Mlp {
-    /// The MLP of `norm(x)` (`norm`: the layer's post-attention norm).
-    fn forward(&self, x: &Tensor, norm: &RmsNorm) -> candle_core::Result<Tensor> {
-        let [gate, up] = project(x, Some(norm), [&self.gate_proj, &self.up_proj])?;
-        let h = match self.family {
-            Family::BitNet => Relu2MulOp.forward(&gate, &up)?,
-            Family::Llama => (candle_nn::ops::silu(&gate)? * up)?,
+    /// `gate_proj` and `up_proj` of `norm(input)`, and the residual sum when `input` is one.
+    fn gate_up(
+        &self,
+        input: LinearInput<'_>,
+        norm: &RmsNorm,
+    ) -> candle_core::Result<(Option<Tensor>, [Tensor; 2])> {
+        project(input, Some(norm), [&self.gate_proj, &self.up_proj])
+    }
+
+    /// `down_proj(ffn_sub_norm(act(gate) · up))`.
+    fn down(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        let sub_norm = self.sub_norm.as_ref();
+        let (_, [y]) = match self.family {
+            Family::BitNet => {
+                project(LinearInput::Relu2Mul(gate, up), sub_norm, [&self.down_proj])?
+            }
+            Family::Llama => {
+                let h = (candle_nn::ops::silu(gate)? * up)?;
+                project(LinearInput::Plain(&h), sub_norm, [&self.down_proj])?
+            }
         };
-        let [y] = project(&h, self.sub_norm.as_ref(), [&self.down_proj])?;
         Ok(y)
     }
 }
 
-/// `linears` applied to `norm(x)` (or to `x`). On a GPU one launch normalizes and quantizes the
-/// input for all of them (the kernel crate's `cuda::linears_shared`, bit-identical to the
-/// separate ops); elsewhere the norm runs, then each layer quantizes for itself.
+/// `linears` applied to `norm(input)` (or to the input), and the residual sum when `input` is
+/// one. On a GPU one launch forms the input, normalizes and quantizes it for all of them (the
+/// kernel crate's `cuda::linears_shared`, bit-identical to the separate ops); elsewhere the
+/// separate ops run, then each layer quantizes for itself.
 fn project<const N: usize>(
-    x: &Tensor,
+    input: LinearInput<'_>,
     norm: Option<&RmsNorm>,
     linears: [&BitLinear; N],
-) -> candle_core::Result<[Tensor; N]> {
+) -> candle_core::Result<(Option<Tensor>, [Tensor; N])> {
     #[cfg(feature = "cuda")]
-    let ys = if x.device().is_cuda() {
+    let (sum, ys) = if input_device(input).is_cuda() {
         let ops = linears.map(|l| l.op());
-        bitnet_kernels::cuda::linears_shared(x, norm.map(|n| (&n.weight, n.eps)), &ops)?
+        bitnet_kernels::cuda::linears_shared(input, norm.map(|n| (&n.weight, n.eps)), &ops)?
     } else {
-        project_separately(x, norm, &linears)?
+        project_separately(input, norm, &linears)?
     };
     #[cfg(not(feature = "cuda"))]
-    let ys = project_separately(x, norm, &linears)?;
-    ys.try_into().map_err(|v: Vec<Tensor>| {
+    let (sum, ys) = project_separately(input, norm, &linears)?;
+    let ys = ys.try_into().map_err(|v: Vec<Tensor>| {
         candle_core::Error::Msg(format!("expected {N} projections, got {}", v.len()))
-    })
+    })?;
+    Ok((sum, ys))
+}
+
+#[cfg(feature = "cuda")]
+fn input_device(input: LinearInput<'_>) -> &Device {
+    match input {
+        LinearInput::Plain(x) | LinearInput::Add(x, _) | LinearInput::Relu2Mul(x, _) => x.device(),
+    }
 }
 
 fn project_separately(
-    x: &Tensor,
+    input: LinearInput<'_>,
     norm: Option<&RmsNorm>,
     linears: &[&BitLinear],
-) -> candle_core::Result<Vec<Tensor>> {
+) -> candle_core::Result<(Option<Tensor>, Vec<Tensor>)> {
+    let (x, sum) = input.materialize()?;
     let h = match norm {
-        Some(n) => n.forward(x)?,
-        None => x.clone(),
+        Some(n) => n.forward(&x)?,
+        None => x,
     };
-    linears.iter().map(|l| l.forward(&h)).collect()
+    let ys = linears
+        .iter()
+        .map(|l| l.forward(&h))
+        .collect::<candle_core::Result<_>>()?;
+    Ok((sum, ys))
 }
 
 /// One pre-norm transformer block.
@@ -436,9 +478,12 @@ impl DecoderLayer {
         attend: impl FnOnce(&Attention, &Tensor, &RmsNorm) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let h = attend(&self.self_attn, x, &self.input_layernorm)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&x, &self.post_attention_layernorm)?;
-        x + h
+        let norm = &self.post_attention_layernorm;
+        let (sum, [gate, up]) = self.mlp.gate_up(LinearInput::Add(x, &h), norm)?;
+        let Some(x) = sum else {
+            candle_core::bail!("the residual sum is missing");
+        };
+        x + self.mlp.down(&gate, &up)?
     }
 
     fn load(l: &mut Loader<'_>, index: usize) -> Result<Self> {

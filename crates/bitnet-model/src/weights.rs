@@ -264,21 +264,29 @@ impl Weights {
     /// the resident set until the map is dropped, nearly doubling the peak (2B-4T: ~2.3 GB
     /// instead of ~1.2 GB).
     pub fn release(&self, name: &str) {
+        self.release_part(name, 0..usize::MAX);
+    }
+
+    /// [`Weights::release`] for the bytes `part` of tensor `name` only (clamped to the tensor),
+    /// so that a large tensor copied piece by piece never has all its pages resident at once.
+    pub fn release_part(&self, name: &str, part: std::ops::Range<usize>) {
         #[cfg(unix)]
         if let Some(e) = self.entries.get(name) {
             let shard = &self.shards[e.shard];
+            let start = e.bytes.start + part.start.min(e.bytes.len());
+            let end = e.bytes.start + part.end.min(e.bytes.len());
             // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages;
             // a later access faults them back in from the unchanged file. Failure is harmless.
             let _ = unsafe {
                 shard.mmap.unchecked_advise_range(
                     UncheckedAdvice::DontNeed,
-                    e.bytes.start,
-                    e.bytes.len(),
+                    start,
+                    end.saturating_sub(start),
                 )
             };
         }
         #[cfg(not(unix))]
-        let _ = name;
+        let _ = (name, part);
     }
 
     /// Rows of the float matrix `name` (`[rows, cols]`, BF16 / F16 / F32), read from the map

@@ -37,6 +37,7 @@ use candle_core::{
 };
 use half::bf16;
 
+use crate::act::LinearInput;
 use crate::error::KernelError;
 use crate::op::{BitLinearOp, ScaleConvention};
 
@@ -218,75 +219,113 @@ impl QuantizedActs {
 /// quantizing (see [`linears_shared`]).
 type Norm<'a> = (&'a CudaStorage, &'a Layout, f32);
 
-/// Kernel (a): quantizes a contiguous `[..., k]` f32/bf16 CUDA storage into `k_pad ≥ k` columns,
-/// after an RMSNorm when `norm` is given (the norm's output rounded as it would be stored).
+/// How the quantizer combines its two operands (`INPUT_*` in kernels/bitnet.cu).
+const INPUT_PLAIN: i32 = 0;
+const INPUT_ADD: i32 = 1;
+const INPUT_RELU2_MUL: i32 = 2;
+
+/// Kernel (a): quantizes a contiguous `[..., k]` f32/bf16 CUDA storage `x` — or `x + r`, or
+/// `relu(x)²·r`, with `second = (r, layout, INPUT_*)` — into `k_pad ≥ k` columns, after an
+/// RMSNorm when `norm` is given (the norm's output rounded as it would be stored). With
+/// `INPUT_ADD` the sum is returned as well.
 fn quantize_storage(
-    storage: &CudaStorage,
-    layout: &Layout,
+    x: &CudaStorage,
+    xl: &Layout,
+    second: Option<(&CudaStorage, &Layout, i32)>,
     norm: Option<Norm<'_>>,
     k: usize,
     k_pad: usize,
-) -> Result<QuantizedActs> {
-    let (start, end) = contiguous(layout, "bitlinear")?;
+) -> Result<(QuantizedActs, Option<CudaStorage>)> {
+    match x.dtype() {
+        DType::F32 => quantize_typed::<f32>(x, xl, second, norm, k, k_pad, "f32"),
+        DType::BF16 => quantize_typed::<bf16>(x, xl, second, norm, k, k_pad, "bf16"),
+        other => Err(KernelError::UnsupportedDType(other.as_str()).into()),
+    }
+}
+
+fn quantize_typed<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    xl: &Layout,
+    second: Option<(&CudaStorage, &Layout, i32)>,
+    norm: Option<Norm<'_>>,
+    k: usize,
+    k_pad: usize,
+    suffix: &str,
+) -> Result<(QuantizedActs, Option<CudaStorage>)> {
+    let (start, end) = contiguous(xl, "bitlinear")?;
     let tokens = (end - start).checked_div(k).unwrap_or_else(|| {
-        let dims = layout.shape().dims();
+        let dims = xl.shape().dims();
         dims[..dims.len().saturating_sub(1)].iter().product()
     });
-    let dev = storage.device().clone();
-    let (w, w0, eps) = match norm {
+    let dev = x.device().clone();
+    let xs = x.as_cuda_slice::<T>()?.slice(start..end);
+    let (rs, mode) = match second {
+        Some((r, rl, mode)) => {
+            let (r0, r1) = contiguous(rl, "bitlinear second input")?;
+            if rl.shape() != xl.shape() || r.dtype() != x.dtype() {
+                candle_core::bail!(
+                    "bitlinear: inputs {:?} {} and {:?} {} differ",
+                    xl.dims(),
+                    x.dtype().as_str(),
+                    rl.dims(),
+                    r.dtype().as_str()
+                );
+            }
+            (r.as_cuda_slice::<T>()?.slice(r0..r1), mode)
+        }
+        // The kernel reads no second operand: pass the input in its place.
+        None => (x.as_cuda_slice::<T>()?.slice(start..end), INPUT_PLAIN),
+    };
+    let (ws, has_norm, eps) = match norm {
         Some((w, wl, eps)) => {
             let (w0, w1) = contiguous(wl, "rms-norm weight")?;
-            if w1 - w0 != k || w.dtype() != storage.dtype() {
+            if w1 - w0 != k || w.dtype() != x.dtype() {
                 candle_core::bail!(
                     "rms-norm: weight {:?} {} for activations [.., {k}] {}",
                     wl.dims(),
                     w.dtype().as_str(),
-                    storage.dtype().as_str()
+                    x.dtype().as_str()
                 );
             }
-            (w, w0, eps)
+            (w.as_cuda_slice::<T>()?.slice(w0..w1), 1i32, eps)
         }
-        // Without a norm the kernel does not read the weight: pass the input in its place.
-        None => (storage, start, 0.0),
+        None => (x.as_cuda_slice::<T>()?.slice(start..end), 0, 0.0),
     };
-    let has_norm = i32::from(norm.is_some());
     // SAFETY: every element the consumers read is written by the kernel below.
     let mut buf = unsafe { dev.alloc::<u8>(QuantizedActs::bytes(tokens, k_pad).max(1))? };
+    let mut sum = if mode == INPUT_ADD {
+        // SAFETY: the kernel writes every element of the sum.
+        Some(unsafe { dev.alloc::<T>((end - start).max(1))? })
+    } else {
+        None
+    };
     if tokens > 0 {
         let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
-        let launch = cfg((tokens, 1), row_threads(k));
-        macro_rules! run {
-            ($x:expr, $w:expr, $name:literal) => {{
-                let (x, w) = ($x.slice(start..end), $w.slice(w0..));
-                let f = func(&dev, $name)?;
-                let stream = dev.cuda_stream();
-                let qn = tokens * k_pad;
-                let (mut q, mut rest) = buf.split_at_mut(qn);
-                let (mut scales, mut sums) = rest.split_at_mut(4 * tokens);
-                let mut b = stream.launch_builder(&f);
-                b.arg(&x).arg(&w).arg(&has_norm).arg(&eps);
-                b.arg(&mut q).arg(&mut scales).arg(&mut sums);
-                b.arg(&ki).arg(&kpi);
-                // SAFETY: argument types and sizes match the kernel's signature.
-                unsafe { b.launch(launch) }.w()?;
-            }};
-        }
-        match (&storage.slice, &w.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => run!(x, w, "bitnet_quant_f32"),
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
-                run!(x, w, "bitnet_quant_bf16")
-            }
-            _ => {
-                return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
-            }
-        }
+        let f = func(&dev, &format!("bitnet_quant_{suffix}"))?;
+        let stream = dev.cuda_stream();
+        let (mut q, mut rest) = buf.split_at_mut(tokens * k_pad);
+        let (mut scales, mut sums) = rest.split_at_mut(4 * tokens);
+        let null = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&xs).arg(&rs).arg(&mode);
+        match sum.as_mut() {
+            Some(sum) => b.arg(sum),
+            None => b.arg(&null),
+        };
+        b.arg(&ws).arg(&has_norm).arg(&eps);
+        b.arg(&mut q).arg(&mut scales).arg(&mut sums);
+        b.arg(&ki).arg(&kpi);
+        // SAFETY: argument types and sizes match the kernel's signature; the sum pointer is
+        // written only with INPUT_ADD, when it is allocated.
+        unsafe { b.launch(cfg((tokens, 1), row_threads(k))) }.w()?;
     }
-    Ok(QuantizedActs {
+    let acts = QuantizedActs {
         buf,
         tokens,
         k_pad,
-        dev,
-    })
+        dev: dev.clone(),
+    };
+    Ok((acts, sum.map(|s| T::wrap_cuda_slice(s, dev))))
 }
 
 /// Kernel (a) on a tensor: quantizes `x` (`[..., k]`, f32 or bf16, on a CUDA device) into rows
@@ -299,26 +338,28 @@ pub fn quantize(x: &Tensor, k_pad: usize) -> Result<QuantizedActs> {
     }
     let (storage, layout) = x.storage_and_layout();
     match &*storage {
-        Storage::Cuda(s) => quantize_storage(s, layout, None, k, k_pad),
+        Storage::Cuda(s) => Ok(quantize_storage(s, layout, None, None, k, k_pad)?.0),
         _ => candle_core::bail!("bitnet cuda: quantize needs a CUDA tensor"),
     }
 }
 
-/// `ops` (BitLinears with the same input size) applied to `RMSNorm(x)` — or to `x` when `norm`
-/// is `None` — with **one** launch normalizing and quantizing for all of them, then one
-/// product launch each. Equal, bit for bit, to `ops[i].forward(&norm.forward(x))`: the
-/// quantizer sees the norm's output rounded exactly as the RMSNorm kernel stores it.
+/// `ops` (BitLinears with the same input size) applied to `RMSNorm(input)` — or to the input
+/// when `norm` is `None` — with **one** launch forming the input (`x`, a residual sum `x + r`,
+/// or the gated `relu(x)²·r`), normalizing and quantizing it for all of them, then one GEMV
+/// launch per three weights (or one GEMM each). Equal, bit for bit, to the separate ops
+/// (candle's add, [`crate::Relu2MulOp`], [`crate::RmsNormOp`], then each
+/// [`BitLinearOp::forward`]): the quantizer sees exactly the values those would store.
 ///
-/// This is the decode-time fusion: q/k/v share the input norm, gate/up the post-attention norm,
-/// and `o_proj`/`down_proj` follow their sub-norms, so a layer needs four quantization launches
-/// instead of four norms and seven quantizations. `norm` is `(weight [k], eps)`.
+/// This is the decode-time fusion: q/k/v share the input norm, gate/up the post-attention norm
+/// (and the residual add before it), `down_proj` reads the gated activation through its
+/// sub-norm. `norm` is `(weight [k], eps)`. Returns the residual sum for [`LinearInput::Add`].
 pub fn linears_shared(
-    x: &Tensor,
+    input: LinearInput<'_>,
     norm: Option<(&Tensor, f64)>,
     ops: &[&BitLinearOp],
-) -> Result<Vec<Tensor>> {
+) -> Result<(Option<Tensor>, Vec<Tensor>)> {
     let Some(first) = ops.first() else {
-        return Ok(Vec::new());
+        return Ok((input.materialize()?.1, Vec::new()));
     };
     let w = first.weight();
     let (k, k_pad) = (w.in_features(), w.padded_in_features());
@@ -328,41 +369,71 @@ pub fn linears_shared(
             op.weight().in_features()
         );
     }
-    let x = x.contiguous()?;
+    let (x, second) = match input {
+        LinearInput::Plain(x) => (x.contiguous()?, None),
+        LinearInput::Add(x, r) => (x.contiguous()?, Some((r.contiguous()?, INPUT_ADD))),
+        LinearInput::Relu2Mul(g, u) => (g.contiguous()?, Some((u.contiguous()?, INPUT_RELU2_MUL))),
+    };
     let (dims, _) = linear_dims(x.layout(), k, 0)?;
     let dtype = x.dtype();
-    let acts = {
+    let cuda = |t: &Tensor, what: &str| -> Result<()> {
+        if !t.device().is_cuda() {
+            candle_core::bail!("linears_shared: {what} must be on the GPU");
+        }
+        Ok(())
+    };
+    cuda(&x, "the input")?;
+    let (acts, sum) = {
         let (xs, xl) = x.storage_and_layout();
+        let second_guard = second
+            .as_ref()
+            .map(|(r, mode)| (r.storage_and_layout(), *mode));
+        let weight_guard = norm.map(|(w, eps)| (w.storage_and_layout(), eps));
+        let second = match &second_guard {
+            Some(((s, l), mode)) => match &**s {
+                Storage::Cuda(s) => Some((s, *l, *mode)),
+                _ => candle_core::bail!("linears_shared: the second input must be on the GPU"),
+            },
+            None => None,
+        };
+        let norm = match &weight_guard {
+            Some(((s, l), eps)) => match &**s {
+                Storage::Cuda(s) => Some((s, *l, *eps as f32)),
+                _ => candle_core::bail!("linears_shared: the norm weight must be on the GPU"),
+            },
+            None => None,
+        };
         let Storage::Cuda(xs) = &*xs else {
             candle_core::bail!("linears_shared needs a CUDA tensor");
         };
-        match norm {
-            Some((weight, eps)) => {
-                let (ws, wl) = weight.storage_and_layout();
-                let Storage::Cuda(ws) = &*ws else {
-                    candle_core::bail!("linears_shared: the norm weight must be on the GPU");
-                };
-                quantize_storage(xs, xl, Some((ws, wl, eps as f32)), k, k_pad)?
-            }
-            None => quantize_storage(xs, xl, None, k, k_pad)?,
-        }
+        quantize_storage(xs, xl, second, norm, k, k_pad)?
     };
+    let sum = sum.map(|s| {
+        Tensor::from_storage(
+            Storage::Cuda(s),
+            x.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+    });
     let ys = bitlinears_quantized(ops, &acts, Kernel::Auto, dtype)?;
-    ops.iter()
+    let outs = ops
+        .iter()
         .zip(ys)
         .map(|(op, y)| {
             let mut out = dims.clone();
             if let Some(last) = out.last_mut() {
                 *last = op.weight().out_features();
             }
-            Ok(Tensor::from_storage(
+            Tensor::from_storage(
                 Storage::Cuda(y),
                 out,
                 candle_core::op::BackpropOp::none(),
                 false,
-            ))
+            )
         })
-        .collect()
+        .collect();
+    Ok((sum, outs))
 }
 
 /// Kernels (b)–(d): the ternary product of `op`'s weight with quantized activations and the
@@ -529,13 +600,8 @@ pub(crate) fn bitlinear_fwd(
     if !matches!(dtype, DType::F32 | DType::BF16) {
         return Err(KernelError::UnsupportedDType(dtype.as_str()).into());
     }
-    let acts = quantize_storage(
-        storage,
-        layout,
-        None,
-        w.in_features(),
-        w.padded_in_features(),
-    )?;
+    let (k, k_pad) = (w.in_features(), w.padded_in_features());
+    let (acts, _) = quantize_storage(storage, layout, None, None, k, k_pad)?;
     let y = bitlinear_quantized(op, &acts, kernel, dtype)?;
     Ok((y, Shape::from(dims)))
 }

@@ -19,6 +19,7 @@
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
 use bitnet_kernels::cuda::Graph;
+use bitnet_kernels::LinearInput;
 use candle_core::{DType, Module, Tensor, TensorId};
 
 use super::{project, Attention, ForCausalLM, Model, RmsNorm, RotaryEmbedding};
@@ -66,7 +67,8 @@ impl Attention {
             cos: &rope.cos,
             sin: &rope.sin,
         };
-        let [q, k, v] = project(x, Some(norm), [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let (_, [q, k, v]) = project(LinearInput::Plain(x), Some(norm), qkv)?;
         attention::kv_append(k_cache, &k, pos, Some(rope))?;
         attention::kv_append(v_cache, &v, pos, None)?;
         let out = attention::decode_attention(&q, k_cache, v_cache, pos, rope, self.num_heads)?;
