@@ -143,7 +143,7 @@ impl ForCausalLM {
             .slice_set(&Tensor::new(&[offset as u32], &dev)?, 0, 0)?;
         let ids_now = self.cache.buffer_ids();
         match &graph.recorded {
-            Some((ids, g)) if *ids == ids_now => g.launch()?,
+            Some((ids, g)) if self.cuda_graphs && *ids == ids_now => g.launch()?,
             _ => {
                 graph.recorded = None;
                 step(&self.model, &self.lm_head, &self.cache, io)?;
