@@ -1,5 +1,5 @@
-//! The CUDA path (feature `cuda`): [`crate::BitLinearOp`] and [`crate::Bf16LinearOp`] on candle
-//! CUDA tensors.
+//! The CUDA path (feature `cuda`): [`crate::BitLinearOp`], [`crate::Bf16LinearOp`],
+//! [`crate::RmsNormOp`] and [`crate::Relu2MulOp`] on candle CUDA tensors.
 //!
 //! The kernels live in `kernels/bitnet.cu`, compiled to PTX by `build.rs` and loaded once per
 //! device through candle's [`CudaDevice::get_or_load_custom_func`]. A BitLinear runs two launches:
@@ -16,9 +16,11 @@
 //! same sequence of IEEE f32 operations as on the CPU, so outputs match the CPU path bit for bit
 //! (tests/cuda.rs).
 //!
-//! The functions here expose each stage separately for tests and benchmarks. Decoding adds
-//! [`attention`] (single-token attention against an f32 KV cache) and [`Graph`] (one launch
-//! for a recorded step).
+//! [`linears_shared`] is the fused form the model uses: one launch forms the input (a residual
+//! sum or the gated activation), applies the RMSNorm and quantizes, and one GEMV launch serves up
+//! to three weights. The functions here also expose each stage separately for tests and
+//! benchmarks. Decoding adds [`attention`] (single-token attention against an f32 KV cache) and
+//! [`Graph`] (one launch for a recorded step).
 
 pub mod attention;
 mod graph;
