@@ -616,11 +616,12 @@ __device__ void kv_append(const T* __restrict__ x, const T* __restrict__ cos,
     }
 }
 
-#define ATT_KEYS 64    // keys per block of the partial pass
+#define ATT_KEYS 32    // keys per block of the partial pass
 #define ATT_MAX_HD 256 // head_dim limit (8 values per lane)
 
-// Partial pass: block (head, split) attends to keys split*64 .. +63 (those <= *pos) with an
-// online softmax per warp, then merges its warps. Writes [m, l, acc[hd]] to part[head][split].
+// Partial pass: block (head, split) attends to keys split*ATT_KEYS .. (those <= *pos) with an
+// online softmax per warp (at most 8 warps), then merges its warps. Writes [m, l, acc[hd]] to
+// part[head][split].
 template <typename T>
 __device__ void attn_partial(const T* __restrict__ q, const T* __restrict__ cos,
                              const T* __restrict__ sin, const float* __restrict__ kc,
