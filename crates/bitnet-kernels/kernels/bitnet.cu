@@ -47,7 +47,9 @@ __device__ __forceinline__ float epilogue(int acc, float s, float scale, int div
 // ---------------------------------------------------------------------------------------------
 // Rows: one block per token (quantization, RMSNorm). Each thread keeps up to ROW_REGS of its row's
 // values in registers between passes, so a row is read from memory once and a pass's loads are all
-// in flight together (a decode step has a single row: these kernels are latency-bound).
+// in flight together (a decode step has a single row: these kernels are latency-bound). Thread t
+// sums the squares of elements t, t + blockDim.x, ... whatever REGS is, and every row kernel runs
+// 256 threads (ROW_THREADS in src/cuda/mod.rs), so all of them round the norm identically.
 // ---------------------------------------------------------------------------------------------
 #define ROW_REGS 8
 
@@ -88,24 +90,24 @@ __device__ __forceinline__ RowInput<T> plain(const T* x) {
     return RowInput<T>{x, x, INPUT_PLAIN};
 }
 
-// Loads this thread's first ROW_REGS values of a row (zero past h).
-template <typename F>
-__device__ __forceinline__ void load_row(const F& get, int h, float (&v)[ROW_REGS]) {
+// Loads this thread's first REGS values of a row (zero past h).
+template <int REGS, typename F>
+__device__ __forceinline__ void load_row(const F& get, int h, float (&v)[REGS]) {
 #pragma unroll
-    for (int r = 0; r < ROW_REGS; ++r) {
+    for (int r = 0; r < REGS; ++r) {
         const int i = threadIdx.x + r * blockDim.x;
         v[r] = i < h ? get(i) : 0.0f;
     }
 }
 
 // 1 / sqrt(mean(x^2) + eps) of a row, whose register part the caller loaded into v.
-template <typename F>
-__device__ float inv_rms(const F& get, const float (&v)[ROW_REGS], int h, float eps, float* red) {
+template <int REGS, typename F>
+__device__ float inv_rms(const F& get, const float (&v)[REGS], int h, float eps, float* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float ss = 0.0f;
 #pragma unroll
-    for (int r = 0; r < ROW_REGS; ++r) ss = __fadd_rn(ss, __fmul_rn(v[r], v[r]));
-    for (int i = ROW_REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x) {
+    for (int r = 0; r < REGS; ++r) ss = __fadd_rn(ss, __fmul_rn(v[r], v[r]));
+    for (int i = REGS * blockDim.x + threadIdx.x; i < h; i += blockDim.x) {
         const float u = get(i);
         ss = __fadd_rn(ss, __fmul_rn(u, u));
     }
@@ -130,28 +132,27 @@ __device__ __forceinline__ float normed(float x, float inv, float w) {
 // output rounded to T, exactly what the RMSNorm kernel would store). One launch replaces the add
 // or the gated activation, the norm and the quantization.
 // q is [tokens, k_pad] int8 with zero padding; scales [tokens] f32; sums [tokens] i32 (sum of q).
+//
+// quantize_row does one row with the whole block: the row's values go to qr (global memory in the
+// quantization kernel, shared memory in the fused GEMV below), its scale and sum of values to
+// *scale and *qsum (written by thread 0), and with INPUT_ADD the sum x + r to so unless it is null.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-__device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin, int mode,
-                              T* __restrict__ sum_out, const T* __restrict__ w, int norm,
-                              float eps, int8_t* __restrict__ q, float* __restrict__ scales,
-                              int* __restrict__ sums, int k, int k_pad) {
+template <int REGS, typename T>
+__device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T* __restrict__ w,
+                             int norm, float eps, int8_t* __restrict__ qr, float* scale,
+                             int* qsum, int k, int k_pad) {
     __shared__ float red_n[32], red_f[32];
     __shared__ int red_i[32];
-    const int t = blockIdx.x;
-    const RowInput<T> in{x + (size_t)t * k, rin + (size_t)t * k, mode};
-    int8_t* qr = q + (size_t)t * k_pad;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int stride = blockDim.x, tail = ROW_REGS * stride;
+    const int stride = blockDim.x, tail = REGS * stride;
 
-    float v[ROW_REGS], wv[ROW_REGS] = {};
+    float v[REGS], wv[REGS] = {};
     load_row(in, k, v);
     // The norm weights are loaded before the reduction needs them, not after it.
     if (norm) load_row(plain(w), k, wv);
-    if (mode == INPUT_ADD) {
-        T* so = sum_out + (size_t)t * k;
+    if (in.mode == INPUT_ADD && so != nullptr) {
 #pragma unroll
-        for (int r = 0; r < ROW_REGS; ++r) {
+        for (int r = 0; r < REGS; ++r) {
             const int i = threadIdx.x + r * stride;
             if (i < k) store_out(so, i, v[r]);
         }
@@ -164,7 +165,7 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
     auto at = [&](int i) { return value(i, in(i), norm ? to_f32(w[i]) : 0.0f); };
     float m = 0.0f;
 #pragma unroll
-    for (int r = 0; r < ROW_REGS; ++r) {
+    for (int r = 0; r < REGS; ++r) {
         const int i = threadIdx.x + r * stride;
         if (i < k) v[r] = value(i, v[r], wv[r]);
         m = fmaxf(m, fabsf(v[r]));
@@ -180,7 +181,7 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
     };
     int sum = 0;
 #pragma unroll
-    for (int r = 0; r < ROW_REGS; ++r) {
+    for (int r = 0; r < REGS; ++r) {
         const int i = threadIdx.x + r * stride;
         if (i < k_pad) {
             const int c = i < k ? quant(v[r]) : 0;
@@ -199,9 +200,21 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
     if (threadIdx.x == 0) {
         int total = 0;
         for (int w = 0; w < warps; ++w) total += red_i[w];
-        scales[t] = s;
-        sums[t] = total;
+        *scale = s;
+        *qsum = total;
     }
+}
+
+// One block per token. q is [tokens, k_pad]; scales and sums [tokens].
+template <typename T>
+__device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin, int mode,
+                              T* __restrict__ sum_out, const T* __restrict__ w, int norm,
+                              float eps, int8_t* __restrict__ q, float* __restrict__ scales,
+                              int* __restrict__ sums, int k, int k_pad) {
+    const size_t t = blockIdx.x;
+    const RowInput<T> in{x + t * k, rin + t * k, mode};
+    T* so = mode == INPUT_ADD ? sum_out + t * k : nullptr;
+    quantize_row<ROW_REGS>(in, so, w, norm, eps, q + t * k_pad, scales + t, sums + t, k, k_pad);
 }
 
 #define QUANT(NAME, T)                                                                            \
@@ -230,11 +243,13 @@ struct GemvMat {
     float scale;
 };
 
+// One warp: group `group` (numbered across m0, m1, m2) against NT tokens of activations q.
 template <int NT, typename OutT>
-__device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m2,
-                             const int8_t* __restrict__ q, const float* __restrict__ scales,
-                             const int* __restrict__ sums, int nb, int divide) {
-    int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+__device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
+                                           const GemvMat<OutT>& m2, int group,
+                                           const int8_t* __restrict__ q,
+                                           const float* __restrict__ scales,
+                                           const int* __restrict__ sums, int nb, int divide) {
     const int lane = threadIdx.x & 31;
     const int g0 = (m0.out + 3) >> 2, g1 = (m1.out + 3) >> 2, g2 = (m2.out + 3) >> 2;
     GemvMat<OutT> m = m0;
@@ -289,6 +304,14 @@ __device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m
     }
 }
 
+template <int NT, typename OutT>
+__device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m2,
+                             const int8_t* __restrict__ q, const float* __restrict__ scales,
+                             const int* __restrict__ sums, int nb, int divide) {
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    gemv_group<NT>(m0, m1, m2, group, q, scales, sums, nb, divide);
+}
+
 #define GEMV(NT, NAME, OUTT)                                                                      \
     extern "C" __global__ void bitnet_gemv##NT##_##NAME(                                          \
         const uint8_t* w0, OUTT* y0, int out0, float scale0, const uint8_t* w1, OUTT* y1,         \
@@ -302,6 +325,43 @@ __device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m
     GEMV(5, NAME, OUTT) GEMV(6, NAME, OUTT) GEMV(7, NAME, OUTT) GEMV(8, NAME, OUTT)
 GEMV_ALL(f32, float)
 GEMV_ALL(bf16, __nv_bfloat16)
+
+// (a) + (b) for one token in one launch (a decode step's BitLinears): every block forms,
+// normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
+// from L2, far cheaper than a launch and a round trip through memory), then each warp computes
+// one group. Block 0 stores the residual sum. REGS * blockDim.x >= k keeps the whole row in
+// registers. Dynamic shared memory: nb * 256 bytes.
+template <int REGS, typename T>
+__device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T* __restrict__ x,
+                           const T* __restrict__ r, int mode, T* __restrict__ sum_out,
+                           const T* __restrict__ w, int norm, float eps, int k, int nb,
+                           int divide) {
+    extern __shared__ __align__(16) int8_t q[];
+    __shared__ float scale;
+    __shared__ int qsum;
+    const RowInput<T> in{x, r, mode};
+    quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, norm, eps, q, &scale, &qsum,
+                       k, nb * 256);
+    __syncthreads();
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, divide);
+}
+
+#define GEMV_FUSED(REGS, NAME, T)                                                                 \
+    extern "C" __global__ void bitnet_gemv_fused##REGS##_##NAME(                                  \
+        const uint8_t* w0, T* y0, int out0, float scale0, const uint8_t* w1, T* y1, int out1,     \
+        float scale1, const uint8_t* w2, T* y2, int out2, float scale2, const T* x, const T* r,   \
+        int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb, int divide) {       \
+        gemv_fused<REGS, T>({w0, y0, out0, scale0}, {w1, y1, out1, scale1},                       \
+                            {w2, y2, out2, scale2}, x, r, mode, sum_out, w, norm, eps, k, nb,     \
+                            divide);                                                              \
+    }
+GEMV_FUSED(8, f32, float)
+GEMV_FUSED(8, bf16, __nv_bfloat16)
+GEMV_FUSED(16, f32, float)
+GEMV_FUSED(16, bf16, __nv_bfloat16)
+GEMV_FUSED(32, f32, float)
+GEMV_FUSED(32, bf16, __nv_bfloat16)
 
 // ---------------------------------------------------------------------------------------------
 // (c) GEMM for many tokens. Block tile: 64 rows (16 groups) x 64 tokens, K step 256 (one weight
@@ -619,21 +679,27 @@ __device__ void kv_append(const T* __restrict__ x, const T* __restrict__ cos,
 #define ATT_KEYS 32    // keys per block of the partial pass
 #define ATT_MAX_HD 256 // head_dim limit (8 values per lane)
 
-// Partial pass: block (head, split) attends to keys split*ATT_KEYS .. (those <= *pos) with an
-// online softmax per warp (at most 8 warps), then merges its warps. Writes [m, l, acc[hd]] to
-// part[head][split].
+// Block (head, split) attends to keys split*ATT_KEYS .. (those <= *pos) with an online softmax
+// per warp (at most 8 warps), merges its warps and writes [m, l, acc[hd]] to part[head][split];
+// the head's last block to finish (a counter in `done`, reset afterwards) merges the splits.
+// With knew/vnew (this token's keys and values, [nkv, hd] in T) the block whose split holds
+// *pos takes that row from them instead of the cache, and the first query head of each kv group
+// writes it to the cache (kv_append's values: no other block reads the row in this launch).
 template <typename T>
-__device__ void attn_partial(const T* __restrict__ q, const T* __restrict__ cos,
-                             const T* __restrict__ sin, const float* __restrict__ kc,
-                             const float* __restrict__ vc, const unsigned* __restrict__ pos,
-                             float* __restrict__ part, int nh, int nkv, int hd, int cap,
-                             int limit, float scale) {
-    __shared__ float qs[ATT_MAX_HD];
+__device__ void attn_decode(const T* __restrict__ q, const T* __restrict__ knew,
+                            const T* __restrict__ vnew, const T* __restrict__ cos,
+                            const T* __restrict__ sin, float* __restrict__ kc,
+                            float* __restrict__ vc, const unsigned* __restrict__ pos,
+                            float* __restrict__ part, unsigned* __restrict__ done,
+                            T* __restrict__ y, int nh, int nkv, int hd, int cap, int limit,
+                            float scale) {
+    __shared__ float qs[ATT_MAX_HD], ks[ATT_MAX_HD], vs[ATT_MAX_HD];
     __shared__ float wm[32], wl[32];
     __shared__ float wacc[8][ATT_MAX_HD];
+    __shared__ bool last;
     const int head = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const int half = hd >> 1;
+    const int half = hd >> 1, rep = nh / nkv;
     const unsigned p = *pos;
     const bool valid = p < (unsigned)limit;
     const T* qr = q + (size_t)head * hd;
@@ -642,16 +708,40 @@ __device__ void attn_partial(const T* __restrict__ q, const T* __restrict__ cos,
         rope_pair<T>(to_f32(qr[i]), to_f32(qr[i + half]), to_f32(cos[t]), to_f32(sin[t]), qs[i],
                      qs[i + half]);
     }
+    const int kvh = head / rep;
+    const bool holds_new = knew != nullptr && valid && (unsigned)split == p / ATT_KEYS;
+    if (holds_new) {
+        const T* kr = knew + (size_t)kvh * hd;
+        const T* vr = vnew + (size_t)kvh * hd;
+        float* kw = kc + ((size_t)kvh * cap + p) * hd;
+        float* vw = vc + ((size_t)kvh * cap + p) * hd;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            const size_t t = (size_t)p * half + i;
+            float a = to_f32(kr[i]), b = to_f32(kr[i + half]);
+            rope_pair<T>(a, b, to_f32(cos[t]), to_f32(sin[t]), a, b);
+            const float c = to_f32(vr[i]), d = to_f32(vr[i + half]);
+            ks[i] = a;
+            ks[i + half] = b;
+            vs[i] = c;
+            vs[i + half] = d;
+            if (head % rep == 0) {
+                kw[i] = a;
+                kw[i + half] = b;
+                vw[i] = c;
+                vw[i + half] = d;
+            }
+        }
+    }
     __syncthreads();
-    const int kvh = head / (nh / nkv);
     const int j0 = split * ATT_KEYS;
     const int j1 = valid ? min(j0 + ATT_KEYS, (int)p + 1) : j0;
     float m = -INFINITY, l = 0.0f, acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
     for (int j = j0 + warp; j < j1; j += warps) {
-        const float* kr = kc + ((size_t)kvh * cap + j) * hd;
-        const float* vr = vc + ((size_t)kvh * cap + j) * hd;
+        const bool fresh = holds_new && (unsigned)j == p;
+        const float* kr = fresh ? ks : kc + ((size_t)kvh * cap + j) * hd;
+        const float* vr = fresh ? vs : vc + ((size_t)kvh * cap + j) * hd;
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
@@ -696,28 +786,32 @@ __device__ void attn_partial(const T* __restrict__ q, const T* __restrict__ cos,
             if (wm[w] > -INFINITY) a += wacc[w][d] * expf(wm[w] - bm);
         out[2 + d] = a;
     }
-}
 
-// Merge pass: one block per head combines its splits and writes the output row in T.
-template <typename T>
-__device__ void attn_merge(const float* __restrict__ part, T* __restrict__ y, int splits, int hd) {
-    const int head = blockIdx.x;
+    // The last block of this head merges (the threadFenceReduction pattern): parts are made
+    // visible before the count, and read past L1 (__ldcg), since other blocks wrote them.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&done[head], 1u) == (unsigned)splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
     const float* ph = part + (size_t)head * splits * (hd + 2);
     float gm = -INFINITY;
-    for (int s = 0; s < splits; ++s) gm = fmaxf(gm, ph[(size_t)s * (hd + 2)]);
+    for (int s = 0; s < splits; ++s) gm = fmaxf(gm, __ldcg(ph + (size_t)s * (hd + 2)));
     float gl = 0.0f;
     for (int s = 0; s < splits; ++s) {
-        const float ms = ph[(size_t)s * (hd + 2)];
-        if (ms > -INFINITY) gl += ph[(size_t)s * (hd + 2) + 1] * expf(ms - gm);
+        const float ms = __ldcg(ph + (size_t)s * (hd + 2));
+        if (ms > -INFINITY) gl += __ldcg(ph + (size_t)s * (hd + 2) + 1) * expf(ms - gm);
     }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.0f;
         for (int s = 0; s < splits; ++s) {
-            const float ms = ph[(size_t)s * (hd + 2)];
-            if (ms > -INFINITY) a += ph[(size_t)s * (hd + 2) + 2 + d] * expf(ms - gm);
+            const float ms = __ldcg(ph + (size_t)s * (hd + 2));
+            if (ms > -INFINITY) a += __ldcg(ph + (size_t)s * (hd + 2) + 2 + d) * expf(ms - gm);
         }
         store_out(y, (size_t)head * hd + d, a / gl);
     }
+    if (threadIdx.x == 0) done[head] = 0;  // ready for the next launch (a graph replays it)
 }
 
 #define ATTN(NAME, T)                                                                             \
@@ -726,15 +820,12 @@ __device__ void attn_merge(const float* __restrict__ part, T* __restrict__ y, in
                                                        int cap, int limit, int rope) {            \
         kv_append<T>(x, cos, sin, cache, pos, hd, cap, limit, rope);                              \
     }                                                                                             \
-    extern "C" __global__ void bitnet_attn_partial_##NAME(                                        \
-        const T* q, const T* cos, const T* sin, const float* kc, const float* vc,                 \
-        const unsigned* pos, float* part, int nh, int nkv, int hd, int cap, int limit,            \
-        float scale) {                                                                            \
-        attn_partial<T>(q, cos, sin, kc, vc, pos, part, nh, nkv, hd, cap, limit, scale);          \
-    }                                                                                             \
-    extern "C" __global__ void bitnet_attn_merge_##NAME(const float* part, T* y, int splits,      \
-                                                        int hd) {                                 \
-        attn_merge<T>(part, y, splits, hd);                                                       \
+    extern "C" __global__ void bitnet_attn_decode_##NAME(                                         \
+        const T* q, const T* knew, const T* vnew, const T* cos, const T* sin, float* kc,          \
+        float* vc, const unsigned* pos, float* part, unsigned* done, T* y, int nh, int nkv,       \
+        int hd, int cap, int limit, float scale) {                                                \
+        attn_decode<T>(q, knew, vnew, cos, sin, kc, vc, pos, part, done, y, nh, nkv, hd, cap,     \
+                       limit, scale);                                                             \
     }
 ATTN(f32, float)
 ATTN(bf16, __nv_bfloat16)

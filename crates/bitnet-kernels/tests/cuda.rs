@@ -468,8 +468,9 @@ fn rotate(x: &[f32], cos: &[f32], sin: &[f32], p: usize) -> Vec<f64> {
 }
 
 /// kv_append + decode_attention against an f64 reference: GQA groupings, head dims 32/64/128,
-/// positions on both sides of the 64-key split boundary, f32 and bf16 inputs. The f32 path
-/// differs from the reference only in summation order.
+/// positions on both sides of split boundaries, f32 and bf16 inputs. The f32 path differs from
+/// the reference only in summation order. decode_attention appending the row itself equals
+/// kv_append followed by decode_attention bit for bit.
 #[test]
 fn decode_attention_matches_reference() {
     use cuda::attention::{self, Rope};
@@ -527,17 +528,32 @@ fn decode_attention_matches_reference() {
                 );
                 let rope = Rope { cos: &cg, sin: &sg };
                 let p = Tensor::new(&[pos as u32], dev).unwrap();
-                attention::kv_append(&kg, &to_gpu(&k, &[1, 1, nkv * hd]), &p, Some(rope)).unwrap();
-                attention::kv_append(&vg, &to_gpu(&v, &[1, 1, nkv * hd]), &p, None).unwrap();
-                let out = attention::decode_attention(
-                    &to_gpu(&q, &[1, 1, nh * hd]),
-                    &kg,
-                    &vg,
-                    &p,
-                    rope,
-                    nh,
-                )
-                .unwrap();
+                let (qg, kn, vn) = (
+                    to_gpu(&q, &[1, 1, nh * hd]),
+                    to_gpu(&k, &[1, 1, nkv * hd]),
+                    to_gpu(&v, &[1, 1, nkv * hd]),
+                );
+                attention::kv_append(&kg, &kn, &p, Some(rope)).unwrap();
+                attention::kv_append(&vg, &vn, &p, None).unwrap();
+                let out = attention::decode_attention(&qg, None, &kg, &vg, &p, rope, nh).unwrap();
+                // Appending inside the attention launch gives the same bits and caches.
+                let (kf, vf) = (cache(&kc), cache(&vc));
+                let fused =
+                    attention::decode_attention(&qg, Some((&kn, &vn)), &kf, &vf, &p, rope, nh)
+                        .unwrap();
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    let v: Vec<f32> = t
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    v.into_iter().map(f32::to_bits).collect()
+                };
+                assert_eq!(bits(&fused), bits(&out), "appending in the launch: output");
+                assert_eq!(bits(&kf), bits(&kg), "appending in the launch: keys");
+                assert_eq!(bits(&vf), bits(&vg), "appending in the launch: values");
                 assert_eq!(out.dims(), &[1, 1, nh * hd]);
                 assert_eq!(out.dtype(), dtype);
                 let got: Vec<f32> = out
@@ -626,9 +642,7 @@ fn graph_replays_with_new_positions() {
         let pos = Tensor::zeros(1, DType::U32, dev).unwrap();
         let out = Tensor::zeros((1, nh * hd), DType::F32, dev).unwrap();
         let step = || -> candle_core::Result<()> {
-            attention::kv_append(&kc, &kv, &pos, Some(rope))?;
-            attention::kv_append(&vc, &kv, &pos, None)?;
-            let o = attention::decode_attention(&q, &kc, &vc, &pos, rope, nh)?;
+            let o = attention::decode_attention(&q, Some((&kv, &kv)), &kc, &vc, &pos, rope, nh)?;
             out.slice_set(&o, 0, 0)
         };
         let mut recorded = None;
@@ -691,14 +705,19 @@ fn relu2_mul_matches_cpu() {
 
 /// One fused launch (input: x, x + r or relu(x)²·r; then the norm; then quantization) shared by
 /// several BitLinears equals, bit for bit, the separate ops followed by each BitLinear; four
-/// weights take two multi-matrix GEMV launches; the residual sum equals candle's add.
+/// weights take two multi-matrix GEMV launches; the residual sum equals candle's add. One token
+/// takes the GEMV with the quantizer inside (every register size: 96..=2048, ..=4096, beyond;
+/// 9000 also leaves part of the row outside registers), more tokens the quantization kernel.
 #[test]
 fn linears_shared_matches_separate_ops() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(21);
     for &(inp, tokens) in &[
         (96usize, 1usize),
+        (700, 1),
         (2560, 1),
+        (6912, 1),
+        (9000, 1),
         (2560, 37),
         (6912, 3),
         (300, 20),
@@ -742,6 +761,8 @@ fn linears_shared_matches_separate_ops() {
                 let normed = RmsNormOp::new(1e-5).forward(&formed, &wg).unwrap();
                 for (norm, separate) in [(Some((&wg, 1e-5)), &normed), (None, &formed)] {
                     let (sum, got) = cuda::linears_shared(input, norm, &refs).unwrap();
+                    // One to three weights: a single launch.
+                    let (sum1, got1) = cuda::linears_shared(input, norm, &refs[..1]).unwrap();
                     let case = format!(
                         "inp={inp} tokens={tokens} {dtype:?} {input:?} norm={}",
                         norm.is_some()
@@ -765,7 +786,15 @@ fn linears_shared_matches_separate_ops() {
                         (None, None) => {}
                         _ => panic!("residual sum presence differs: {case}"),
                     }
-                    for (op, y) in ops.iter().zip(got) {
+                    if let (Some(a), Some(b)) = (&sum, &sum1) {
+                        assert!(
+                            v(a).iter()
+                                .zip(v(b))
+                                .all(|(a, b)| *a == b || (a.is_nan() && b.is_nan())),
+                            "sum of one launch: {case}"
+                        );
+                    }
+                    for (op, y) in ops.iter().zip(got).chain(ops.iter().zip(got1)) {
                         let want = op.forward(separate).unwrap();
                         assert_eq!(y.dims(), want.dims());
                         assert_eq!(v(&y), v(&want), "{case}");

@@ -300,24 +300,26 @@ impl Attention {
         })
     }
 
-    /// `x`: `[b, t, hidden]` (before `norm`, the layer's input norm) at positions
-    /// `offset..offset + t`; `mask`: `[t, offset + t]` additive causal mask (None when `t == 1`).
+    /// The layer input `x` (`[b, t, hidden]`, before `norm`, the layer's input norm, and formed
+    /// from `stream`) and the attention output, for positions `offset..offset + t`; `mask`:
+    /// `[t, offset + t]` additive causal mask (None when `t == 1`).
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
-        x: &Tensor,
+        stream: &Stream,
         norm: &RmsNorm,
         rope: &RotaryEmbedding,
         offset: usize,
         mask: Option<&Tensor>,
         cache: &mut LayerCache,
         max_context: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
         let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let (_, [q, k, v]) = project(LinearInput::Plain(x), Some(norm), qkv)?;
+        let (sum, [q, k, v]) = project(stream.input(), Some(norm), qkv)?;
+        let x = stream.resolve(sum)?;
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
         let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
         let (q, k) = rope.apply(&q, &k, offset)?;
         let f32 = |y: &Tensor| y.to_dtype(DType::F32);
@@ -343,7 +345,7 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?
             .to_dtype(x.dtype())?;
-        self.output(&out)
+        Ok((x, self.output(&out)?))
     }
 
     /// `o_proj(attn_sub_norm(out))` of the heads' concatenated output `[b, t, heads · head_dim]`.
@@ -470,20 +472,25 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`; `attend(attention, x, input_layernorm)` is
-    /// the attention sub-block, norm included, up to and including `o_proj`.
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`, with `x` formed from `stream`; the last add
+    /// is left to the next layer (see [`Stream`]). `attend(attention, stream, input_layernorm)`
+    /// is the attention sub-block, norm included, up to and including `o_proj`, returning `x`
+    /// and its output.
     fn forward(
         &self,
-        x: &Tensor,
-        attend: impl FnOnce(&Attention, &Tensor, &RmsNorm) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let h = attend(&self.self_attn, x, &self.input_layernorm)?;
+        stream: &Stream,
+        attend: impl FnOnce(&Attention, &Stream, &RmsNorm) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Stream> {
+        let (x, h) = attend(&self.self_attn, stream, &self.input_layernorm)?;
         let norm = &self.post_attention_layernorm;
-        let (sum, [gate, up]) = self.mlp.gate_up(LinearInput::Add(x, &h), norm)?;
+        let (sum, [gate, up]) = self.mlp.gate_up(LinearInput::Add(&x, &h), norm)?;
         let Some(x) = sum else {
             candle_core::bail!("the residual sum is missing");
         };
-        x + self.mlp.down(&gate, &up)?
+        Ok(Stream {
+            pending: Some(self.mlp.down(&gate, &up)?),
+            x,
+        })
     }
 
     fn load(l: &mut Loader<'_>, index: usize) -> Result<Self> {
@@ -522,15 +529,15 @@ impl Model {
         max_context: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed_tokens.forward(ids)?.reshape((b, t, ()))?;
+        let mut x = Stream::new(self.embed_tokens.forward(ids)?.reshape((b, t, ()))?);
         let mask = causal_mask(t, offset, ids.device())?;
         for (i, layer) in self.layers.iter().enumerate() {
             let Some(lc) = cache.layer(i) else {
                 candle_core::bail!("KV cache has no slot for layer {i}");
             };
-            x = layer.forward(&x, |attn, x, norm| {
+            x = layer.forward(&x, |attn, stream, norm| {
                 attn.forward(
-                    x,
+                    stream,
                     norm,
                     &self.rotary,
                     offset,
@@ -541,7 +548,47 @@ impl Model {
             })?;
         }
         cache.advance(t);
-        self.norm.forward(&x)
+        self.norm.forward(&x.sum()?)
+    }
+}
+
+/// The residual stream between layers: `x`, or `x + pending` not yet added. A layer ends with
+/// `x + mlp(·)`; leaving that add to the next layer's first projection lets a GPU fuse it into
+/// the launch that normalizes and quantizes (`LinearInput::Add`), one launch fewer per layer.
+/// On the CPU the add runs as it did, one op later: the values are the same.
+struct Stream {
+    x: Tensor,
+    pending: Option<Tensor>,
+}
+
+impl Stream {
+    fn new(x: Tensor) -> Self {
+        Self { x, pending: None }
+    }
+
+    /// The stream as a projection's input.
+    fn input(&self) -> LinearInput<'_> {
+        match &self.pending {
+            Some(p) => LinearInput::Add(&self.x, p),
+            None => LinearInput::Plain(&self.x),
+        }
+    }
+
+    /// The stream's value, given the residual sum a projection of [`Stream::input`] returned.
+    fn resolve(&self, sum: Option<Tensor>) -> candle_core::Result<Tensor> {
+        match (&self.pending, sum) {
+            (None, _) => Ok(self.x.clone()),
+            (Some(_), Some(sum)) => Ok(sum),
+            (Some(_), None) => candle_core::bail!("the residual sum is missing"),
+        }
+    }
+
+    /// The stream's value, adding what is pending.
+    fn sum(&self) -> candle_core::Result<Tensor> {
+        match &self.pending {
+            Some(p) => &self.x + p,
+            None => Ok(self.x.clone()),
+        }
     }
 }
 

@@ -3,10 +3,11 @@
 //!
 //! Both read the position from a one-element u32 **device** tensor instead of taking it as a
 //! launch argument, so that a recorded CUDA graph ([`super::Graph`]) stays valid at every step:
-//! the caller writes the next position into that tensor and replays. Together they replace the
-//! ~15 candle ops of one layer's decode attention (RoPE, casts, cache writes, two matmuls,
-//! scale, softmax, transposes) with four launches. Attention is computed in f32, with an online
-//! softmax over splits of [`ATT_KEYS`] keys merged by a second launch (flash-decoding).
+//! the caller writes the next position into that tensor and replays. [`decode_attention`] can
+//! append the token's keys and values itself, so one launch replaces the ~15 candle ops of one
+//! layer's decode attention (RoPE, casts, cache writes, two matmuls, scale, softmax,
+//! transposes). Attention is computed in f32, with an online softmax over splits of
+//! [`ATT_KEYS`] keys, merged by the last block of each head to finish (flash-decoding).
 //!
 //! A position at or beyond the cache capacity (or the RoPE tables) writes nothing and yields
 //! NaN outputs: the kernels never index out of bounds, but the caller must keep the buffers
@@ -197,6 +198,7 @@ pub fn kv_append(cache: &Tensor, x: &Tensor, pos: &Tensor, rope: Option<Rope<'_>
 }
 
 struct DecodeAttention<'a> {
+    new_kv: Option<(&'a Tensor, &'a Tensor)>,
     pos: &'a Tensor,
     rope: Rope<'a>,
     num_heads: usize,
@@ -236,33 +238,65 @@ impl DecodeAttention<'_> {
         };
         let p = position(ps, pl)?;
         let qs = q.as_cuda_slice::<T>()?.slice(q0..q1);
+        // This token's keys and values, `[nkv · hd]` each in the query's dtype.
+        let new_kv = match self.new_kv {
+            Some((kn, vn)) => {
+                let (kn, vn) = (kn.contiguous()?, vn.contiguous()?);
+                for t in [&kn, &vn] {
+                    if t.dtype() != q.dtype() || t.elem_count() != nkv * hd {
+                        candle_core::bail!(
+                            "decode_attention: new keys/values must be {nkv} × {hd} {}, got {:?} {}",
+                            q.dtype().as_str(),
+                            t.dims(),
+                            t.dtype().as_str()
+                        );
+                    }
+                }
+                Some((kn, vn))
+            }
+            None => None,
+        };
+        let guards = new_kv
+            .as_ref()
+            .map(|(kn, vn)| (kn.storage_and_layout(), vn.storage_and_layout()));
+        let views = match &guards {
+            Some(((ks, kl), (vs, vl))) => match (&**ks, &**vs) {
+                (Storage::Cuda(ks), Storage::Cuda(vs)) => {
+                    let (k0, k1) = contiguous(kl, "decode_attention new keys")?;
+                    let (v0, v1) = contiguous(vl, "decode_attention new values")?;
+                    Some((
+                        ks.as_cuda_slice::<T>()?.slice(k0..k1),
+                        vs.as_cuda_slice::<T>()?.slice(v0..v1),
+                    ))
+                }
+                _ => candle_core::bail!("decode_attention: new keys/values must be on the GPU"),
+            },
+            None => None,
+        };
         let (kc, vc) = (k.as_cuda_slice::<f32>()?, v.as_cuda_slice::<f32>()?);
         let splits = cap.div_ceil(ATT_KEYS);
-        // SAFETY: the partial pass writes every [head][split] record, the merge every output.
+        // SAFETY: the kernel writes every [head][split] record before the merge reads it, and
+        // every output.
         let mut part = unsafe { dev.alloc::<f32>(nh * splits * (hd + 2))? };
         let mut y = unsafe { dev.alloc::<T>(nh * hd)? };
-        let (nhi, nkvi, hdi, capi, si) = (
-            i32_arg(nh)?,
-            i32_arg(nkv)?,
-            i32_arg(hd)?,
-            i32_arg(cap)?,
-            i32_arg(splits)?,
-        );
+        let mut done = dev.alloc_zeros::<u32>(nh)?;
+        let (nhi, nkvi, hdi, capi) = (i32_arg(nh)?, i32_arg(nkv)?, i32_arg(hd)?, i32_arg(cap)?);
         let scale = 1.0 / (hd as f32).sqrt();
         with_rope(self.rope, q.dtype(), hd / 2, |(cs, c0), (ss, s0), n| {
             let cos = cs.as_cuda_slice::<T>()?.slice(c0..);
             let sin = ss.as_cuda_slice::<T>()?.slice(s0..);
             let li = i32_arg(n.min(cap))?;
             let stream = dev.cuda_stream();
-            let f = func(&dev, &format!("bitnet_attn_partial_{suffix}"))?;
+            let f = func(&dev, &format!("bitnet_attn_decode_{suffix}"))?;
+            let null = 0u64;
             let mut b = stream.launch_builder(&f);
-            b.arg(&qs)
-                .arg(&cos)
-                .arg(&sin)
-                .arg(kc)
-                .arg(vc)
-                .arg(&p)
-                .arg(&mut part);
+            b.arg(&qs);
+            match &views {
+                Some((kn, vn)) => b.arg(kn).arg(vn),
+                None => b.arg(&null).arg(&null),
+            };
+            b.arg(&cos).arg(&sin).arg(kc).arg(vc).arg(&p);
+            b.arg(&mut part).arg(&mut done).arg(&mut y);
             b.arg(&nhi)
                 .arg(&nkvi)
                 .arg(&hdi)
@@ -273,13 +307,10 @@ impl DecodeAttention<'_> {
             // shuffle reduction, online-softmax update), so short chains pay (H200, 2B-4T
             // decode: 64 keys × 4 warps 313 tok/s, 32 × 4 ~390, 32 × 8 ~435).
             // SAFETY: argument types and sizes match the kernel's signature; the kernel's
-            // per-warp scratch holds 8 warps.
+            // per-warp scratch holds 8 warps; with new keys/values it writes cache row *pos <
+            // limit ≤ capacity of each kv head (the caches are updated in place, as by
+            // `kv_append`).
             unsafe { b.launch(cfg((nh, splits), 256)) }.w()?;
-            let f = func(&dev, &format!("bitnet_attn_merge_{suffix}"))?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&part).arg(&mut y).arg(&si).arg(&hdi);
-            // SAFETY: as above.
-            unsafe { b.launch(cfg((nh, 1), 128)) }.w()?;
             Ok(())
         })?;
         Ok((T::wrap_cuda_slice(y, dev), ql.shape().clone()))
@@ -324,8 +355,14 @@ impl CustomOp3 for DecodeAttention<'_> {
 /// for position `pos`) over cache rows `0..=pos` of `k_cache`/`v_cache`
 /// (`[1, kv_heads, capacity, head_dim]`, f32), with query head `h` reading kv head
 /// `h / (num_heads / kv_heads)` and scores scaled by `1/√head_dim`. Returns `q`'s shape and dtype.
+///
+/// With `new_kv = Some((k, v))` (this token's keys and values, `[..., kv_heads · head_dim]` in
+/// `q`'s dtype) row `pos` is first written as [`kv_append`] would (keys rotated) and attended to
+/// in the same launch; with `None` the caches already hold it. One launch either way: the splits
+/// are merged by the last block of each head.
 pub fn decode_attention(
     q: &Tensor,
+    new_kv: Option<(&Tensor, &Tensor)>,
     k_cache: &Tensor,
     v_cache: &Tensor,
     pos: &Tensor,
@@ -333,6 +370,7 @@ pub fn decode_attention(
     num_heads: usize,
 ) -> Result<Tensor> {
     let op = DecodeAttention {
+        new_kv,
         pos,
         rope,
         num_heads,

@@ -122,11 +122,10 @@ fn cfg(grid: (usize, usize), threads: usize) -> LaunchConfig {
     }
 }
 
-/// Threads of a one-block-per-row kernel (quantization, RMSNorm) over `n` values: about four
-/// values per thread, held in registers (`ROW_REGS` in kernels/bitnet.cu), 128 to 1024 threads.
-fn row_threads(n: usize) -> usize {
-    n.div_ceil(4).next_multiple_of(32).clamp(128, 1024)
-}
+/// Threads of every kernel that reduces a row (quantization, RMSNorm, the fused GEMV): the f32
+/// sum of squares is summed per thread over the elements `t, t + ROW_THREADS, …`, so one
+/// thread count keeps all of them bit-identical to each other.
+const ROW_THREADS: usize = 256;
 
 fn i32_arg(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bitnet cuda: {v} exceeds i32")))
@@ -245,23 +244,34 @@ fn quantize_storage(
     }
 }
 
-fn quantize_typed<T: CudaDType + DeviceRepr>(
-    x: &CudaStorage,
+/// The row input of kernel (a) and of the fused GEMV (`RowInput`, the norm weight) as kernel
+/// arguments, checked against each other.
+struct RowArgs<'a, T> {
+    x: CudaView<'a, T>,
+    /// The second operand; the input again (unread) with `INPUT_PLAIN`.
+    r: CudaView<'a, T>,
+    mode: i32,
+    /// The norm weight; the input again (unread) without a norm.
+    w: CudaView<'a, T>,
+    has_norm: i32,
+    eps: f32,
+    tokens: usize,
+}
+
+fn row_args<'a, T: CudaDType + DeviceRepr>(
+    x: &'a CudaStorage,
     xl: &Layout,
-    second: Option<(&CudaStorage, &Layout, i32)>,
-    norm: Option<Norm<'_>>,
+    second: Option<(&'a CudaStorage, &Layout, i32)>,
+    norm: Option<Norm<'a>>,
     k: usize,
-    k_pad: usize,
-    suffix: &str,
-) -> Result<(QuantizedActs, Option<CudaStorage>)> {
+) -> Result<RowArgs<'a, T>> {
     let (start, end) = contiguous(xl, "bitlinear")?;
     let tokens = (end - start).checked_div(k).unwrap_or_else(|| {
         let dims = xl.shape().dims();
         dims[..dims.len().saturating_sub(1)].iter().product()
     });
-    let dev = x.device().clone();
     let xs = x.as_cuda_slice::<T>()?.slice(start..end);
-    let (rs, mode) = match second {
+    let (r, mode) = match second {
         Some((r, rl, mode)) => {
             let (r0, r1) = contiguous(rl, "bitlinear second input")?;
             if rl.shape() != xl.shape() || r.dtype() != x.dtype() {
@@ -278,7 +288,7 @@ fn quantize_typed<T: CudaDType + DeviceRepr>(
         // The kernel reads no second operand: pass the input in its place.
         None => (x.as_cuda_slice::<T>()?.slice(start..end), INPUT_PLAIN),
     };
-    let (ws, has_norm, eps) = match norm {
+    let (w, has_norm, eps) = match norm {
         Some((w, wl, eps)) => {
             let (w0, w1) = contiguous(wl, "rms-norm weight")?;
             if w1 - w0 != k || w.dtype() != x.dtype() {
@@ -293,14 +303,45 @@ fn quantize_typed<T: CudaDType + DeviceRepr>(
         }
         None => (x.as_cuda_slice::<T>()?.slice(start..end), 0, 0.0),
     };
+    Ok(RowArgs {
+        x: xs,
+        r,
+        mode,
+        w,
+        has_norm,
+        eps,
+        tokens,
+    })
+}
+
+/// A new buffer for the residual sum `x + r` of `row` (`INPUT_ADD`), else `None`.
+fn sum_buffer<T: DeviceRepr>(
+    dev: &CudaDevice,
+    row: &RowArgs<'_, T>,
+    k: usize,
+) -> Result<Option<CudaSlice<T>>> {
+    if row.mode != INPUT_ADD {
+        return Ok(None);
+    }
+    // SAFETY: the kernel writes every element of the sum.
+    Ok(Some(unsafe { dev.alloc::<T>((row.tokens * k).max(1))? }))
+}
+
+fn quantize_typed<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    xl: &Layout,
+    second: Option<(&CudaStorage, &Layout, i32)>,
+    norm: Option<Norm<'_>>,
+    k: usize,
+    k_pad: usize,
+    suffix: &str,
+) -> Result<(QuantizedActs, Option<CudaStorage>)> {
+    let dev = x.device().clone();
+    let row = row_args::<T>(x, xl, second, norm, k)?;
+    let tokens = row.tokens;
     // SAFETY: every element the consumers read is written by the kernel below.
     let mut buf = unsafe { dev.alloc::<u8>(QuantizedActs::bytes(tokens, k_pad).max(1))? };
-    let mut sum = if mode == INPUT_ADD {
-        // SAFETY: the kernel writes every element of the sum.
-        Some(unsafe { dev.alloc::<T>((end - start).max(1))? })
-    } else {
-        None
-    };
+    let mut sum = sum_buffer(&dev, &row, k)?;
     if tokens > 0 {
         let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
         let f = func(&dev, &format!("bitnet_quant_{suffix}"))?;
@@ -309,17 +350,17 @@ fn quantize_typed<T: CudaDType + DeviceRepr>(
         let (mut scales, mut sums) = rest.split_at_mut(4 * tokens);
         let null = 0u64;
         let mut b = stream.launch_builder(&f);
-        b.arg(&xs).arg(&rs).arg(&mode);
+        b.arg(&row.x).arg(&row.r).arg(&row.mode);
         match sum.as_mut() {
             Some(sum) => b.arg(sum),
             None => b.arg(&null),
         };
-        b.arg(&ws).arg(&has_norm).arg(&eps);
+        b.arg(&row.w).arg(&row.has_norm).arg(&row.eps);
         b.arg(&mut q).arg(&mut scales).arg(&mut sums);
         b.arg(&ki).arg(&kpi);
         // SAFETY: argument types and sizes match the kernel's signature; the sum pointer is
         // written only with INPUT_ADD, when it is allocated.
-        unsafe { b.launch(cfg((tokens, 1), row_threads(k))) }.w()?;
+        unsafe { b.launch(cfg((tokens, 1), ROW_THREADS)) }.w()?;
     }
     let acts = QuantizedActs {
         buf,
@@ -385,7 +426,8 @@ pub fn linears_shared(
         Ok(())
     };
     cuda(&x, "the input")?;
-    let (acts, sum) = {
+    let tokens: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let (ys, sum) = {
         let (xs, xl) = x.storage_and_layout();
         let second_guard = second
             .as_ref()
@@ -408,7 +450,16 @@ pub fn linears_shared(
         let Storage::Cuda(xs) = &*xs else {
             candle_core::bail!("linears_shared needs a CUDA tensor");
         };
-        quantize_storage(xs, xl, second, norm, k, k_pad)?
+        if tokens == 1 {
+            match dtype {
+                DType::F32 => fused_products::<f32>(xs, xl, second, norm, k, k_pad, ops, "f32")?,
+                DType::BF16 => fused_products::<bf16>(xs, xl, second, norm, k, k_pad, ops, "bf16")?,
+                other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
+            }
+        } else {
+            let (acts, sum) = quantize_storage(xs, xl, second, norm, k, k_pad)?;
+            (bitlinears_quantized(ops, &acts, Kernel::Auto, dtype)?, sum)
+        }
     };
     let sum = sum.map(|s| {
         Tensor::from_storage(
@@ -418,7 +469,6 @@ pub fn linears_shared(
             false,
         )
     });
-    let ys = bitlinears_quantized(ops, &acts, Kernel::Auto, dtype)?;
     let outs = ops
         .iter()
         .zip(ys)
@@ -436,6 +486,32 @@ pub fn linears_shared(
         })
         .collect();
     Ok((sum, outs))
+}
+
+/// One token through [`products`] with the quantization fused into the GEMV: `(outputs, sum)`.
+#[allow(clippy::too_many_arguments)]
+fn fused_products<T: CudaDType + DeviceRepr>(
+    x: &CudaStorage,
+    xl: &Layout,
+    second: Option<(&CudaStorage, &Layout, i32)>,
+    norm: Option<Norm<'_>>,
+    k: usize,
+    k_pad: usize,
+    ops: &[&BitLinearOp],
+    suffix: &str,
+) -> Result<(Vec<CudaStorage>, Option<CudaStorage>)> {
+    let dev = x.device().clone();
+    let row = row_args::<T>(x, xl, second, norm, k)?;
+    let mut sum = sum_buffer(&dev, &row, k)?;
+    let acts = Acts::Row {
+        row,
+        k,
+        k_pad,
+        dev: dev.clone(),
+        sum: sum.as_mut(),
+    };
+    let ys = products::<T>(ops, acts, Kernel::Gemv, suffix)?;
+    Ok((ys, sum.map(|s| T::wrap_cuda_slice(s, dev))))
 }
 
 /// Kernels (b)–(d): the ternary product of `op`'s weight with quantized activations and the
@@ -460,8 +536,8 @@ fn bitlinears_quantized(
     dtype: DType,
 ) -> Result<Vec<CudaStorage>> {
     match dtype {
-        DType::F32 => products::<f32>(ops, acts, kernel, "f32"),
-        DType::BF16 => products::<bf16>(ops, acts, kernel, "bf16"),
+        DType::F32 => products::<f32>(ops, Acts::Quantized(acts), kernel, "f32"),
+        DType::BF16 => products::<bf16>(ops, Acts::Quantized(acts), kernel, "bf16"),
         other => Err(KernelError::UnsupportedDType(other.as_str()).into()),
     }
 }
@@ -469,14 +545,57 @@ fn bitlinears_quantized(
 /// Matrices per GEMV launch (`gemv_ternary` in kernels/bitnet.cu).
 const GEMV_MATRICES: usize = 3;
 
+/// Where a product's activations come from. (Built once per call and moved into [`products`]:
+/// the variants' size difference costs nothing.)
+#[allow(clippy::large_enum_variant)]
+enum Acts<'a, T> {
+    /// Quantized beforehand by kernel (a).
+    Quantized(&'a QuantizedActs),
+    /// One token's row input, formed, normalized and quantized inside every block of the GEMV
+    /// (`bitnet_gemv_fused*`); with `INPUT_ADD` the first launch stores the sum into `sum`.
+    Row {
+        row: RowArgs<'a, T>,
+        k: usize,
+        k_pad: usize,
+        dev: CudaDevice,
+        sum: Option<&'a mut CudaSlice<T>>,
+    },
+}
+
+/// Registers per thread (`REGS` of `gemv_fused`) for the fused GEMV over `k` inputs: the row
+/// fits in registers up to 8192 inputs. Blocks are [`ROW_THREADS`] threads, 8 warps of one
+/// group of four rows each, so that even a 2560-row matrix spreads over 80 blocks.
+fn fused_regs(k: usize) -> usize {
+    match k.div_ceil(ROW_THREADS) {
+        0..=8 => 8,
+        9..=16 => 16,
+        _ => 32,
+    }
+}
+
 fn products<T: DeviceRepr + CudaDType>(
     ops: &[&BitLinearOp],
-    acts: &QuantizedActs,
+    acts: Acts<'_, T>,
     kernel: Kernel,
     suffix: &str,
 ) -> Result<Vec<CudaStorage>> {
-    let dev = &acts.dev;
-    let (tokens, k_pad) = (acts.tokens, acts.k_pad);
+    let (dev, tokens, k_pad, quantized, mut fused) = match acts {
+        Acts::Quantized(a) => (a.dev.clone(), a.tokens, a.k_pad, Some(a), None),
+        Acts::Row {
+            row,
+            k,
+            k_pad,
+            dev,
+            sum,
+        } => (
+            dev,
+            row.tokens,
+            k_pad,
+            None,
+            Some((row, i32_arg(k)?, k, sum)),
+        ),
+    };
+    let dev = &dev;
     let mut weights = Vec::with_capacity(ops.len());
     let mut ys = Vec::with_capacity(ops.len());
     for op in ops {
@@ -503,10 +622,16 @@ fn products<T: DeviceRepr + CudaDType>(
     }
     let divide = i32::from(divide);
     let nbi = i32_arg(k_pad / crate::BLOCK)?;
-    let kernel = match kernel {
-        Kernel::Auto if tokens <= AUTO_GEMV_MAX_TOKENS => Kernel::Gemv,
-        Kernel::Auto => Kernel::GemmMma,
-        k => k,
+    let kernel = match (&fused, kernel) {
+        (Some(_), _) => {
+            if tokens != 1 {
+                candle_core::bail!("bitnet cuda: the fused GEMV takes one token, not {tokens}");
+            }
+            Kernel::Gemv
+        }
+        (_, Kernel::Auto) if tokens <= AUTO_GEMV_MAX_TOKENS => Kernel::Gemv,
+        (_, Kernel::Auto) => Kernel::GemmMma,
+        (_, k) => k,
     };
     if tokens > 0 {
         let stream = dev.cuda_stream();
@@ -515,9 +640,15 @@ fn products<T: DeviceRepr + CudaDType>(
                 let idx: Vec<usize> = (0..ops.len()).collect();
                 for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
                     let nt = GEMV_MAX_TOKENS.min(tokens - t0);
-                    let f = func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?;
-                    let (q, s, sums) = (acts.q(t0), acts.scales(t0)?, acts.sums(t0)?);
-                    for chunk in idx.chunks(GEMV_MATRICES) {
+                    let (name, grid_warps, threads, smem) = match &fused {
+                        None => (format!("bitnet_gemv{nt}_{suffix}"), 4, 128, 0),
+                        Some((_, _, k, _)) => {
+                            let name = format!("bitnet_gemv_fused{}_{suffix}", fused_regs(*k));
+                            (name, ROW_THREADS / 32, ROW_THREADS, k_pad)
+                        }
+                    };
+                    let f = func(dev, &name)?;
+                    for (ci, chunk) in idx.chunks(GEMV_MATRICES).enumerate() {
                         let rows: Vec<i32> = chunk
                             .iter()
                             .map(|&i| i32_arg(ops[i].weight().out_features()))
@@ -536,6 +667,10 @@ fn products<T: DeviceRepr + CudaDType>(
                             continue;
                         }
                         let scales: Vec<f32> = chunk.iter().map(|&i| ops[i].scale().0).collect();
+                        let acts = match quantized {
+                            Some(a) => Some((a.q(t0), a.scales(t0)?, a.sums(t0)?)),
+                            None => None,
+                        };
                         let mut b = stream.launch_builder(&f);
                         let mut views = views.iter_mut();
                         // Unused slots get null pointers and no rows.
@@ -553,15 +688,35 @@ fn products<T: DeviceRepr + CudaDType>(
                                 }
                             }
                         }
-                        b.arg(&q).arg(&s).arg(&sums).arg(&nbi).arg(&divide);
-                        // 4 warps per block, one warp per group of 4 rows.
+                        match (&acts, &mut fused) {
+                            (Some((q, s, sums)), _) => {
+                                b.arg(q).arg(s).arg(sums);
+                            }
+                            (None, Some((row, ki, _, sum))) => {
+                                b.arg(&row.x).arg(&row.r).arg(&row.mode);
+                                // The first launch stores the residual sum.
+                                match sum.as_deref_mut() {
+                                    Some(sum) if ci == 0 => b.arg(sum),
+                                    _ => b.arg(&null),
+                                };
+                                b.arg(&row.w).arg(&row.has_norm).arg(&row.eps).arg(&*ki);
+                            }
+                            (None, None) => unreachable!("one of the two"),
+                        }
+                        b.arg(&nbi).arg(&divide);
+                        let mut config = cfg((groups.div_ceil(grid_warps), 1), threads);
+                        config.shared_mem_bytes = smem as u32;
                         // SAFETY: argument types and sizes match the kernel's signature; a
-                        // slot with 0 rows is never written.
-                        unsafe { b.launch(cfg((groups.div_ceil(4), 1), 128)) }.w()?;
+                        // slot with 0 rows is never written; the fused kernel's shared memory
+                        // holds the k_pad quantized values.
+                        unsafe { b.launch(config) }.w()?;
                     }
                 }
             }
             Kernel::GemmDp4a | Kernel::GemmMma => {
+                let Some(acts) = quantized else {
+                    unreachable!("row inputs take the GEMV");
+                };
                 let (name, threads) = match kernel {
                     Kernel::GemmDp4a => ("dp4a", 256),
                     _ => ("mma", 128),
@@ -715,7 +870,7 @@ pub(crate) fn rms_norm_fwd(
                 let hi = i32_arg(h)?;
                 b.arg(&xs).arg(&ws).arg(&mut y).arg(&hi).arg(&eps);
                 // SAFETY: argument types and sizes match the kernel's signature.
-                unsafe { b.launch(cfg((rows, 1), row_threads(h))) }.w()?;
+                unsafe { b.launch(cfg((rows, 1), ROW_THREADS)) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(y, dev.clone())
         }};

@@ -4,8 +4,8 @@
 //! dispatched from the host (allocation, launch: ~10 µs), so the host, not the GPU, set the pace:
 //! 8.3 ms per token with ~3.4 ms of kernels. This path changes two things:
 //!
-//! - attention uses the kernel crate's single-token ops (`cuda::attention`): RoPE on the way
-//!   into the cache, then attention over it, four launches per layer instead of ~15 ops;
+//! - attention uses the kernel crate's single-token op (`cuda::attention`): RoPE, the cache
+//!   write and attention in one launch per layer instead of ~15 ops;
 //! - the step (all layers, final norm, LM head) is recorded once as a CUDA graph and replayed
 //!   with one launch per token. A recording replays fixed pointers and shapes, so the step
 //!   reads its inputs from fixed tensors (the embedded token, its position) and writes the
@@ -19,10 +19,9 @@
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
 use bitnet_kernels::cuda::Graph;
-use bitnet_kernels::LinearInput;
 use candle_core::{DType, Module, Tensor, TensorId};
 
-use super::{project, Attention, ForCausalLM, Model, RmsNorm, RotaryEmbedding};
+use super::{project, Attention, ForCausalLM, Model, RmsNorm, RotaryEmbedding, Stream};
 use crate::cache::Cache;
 use crate::head::LmHead;
 
@@ -54,38 +53,39 @@ struct StepIo {
 
 impl Attention {
     /// Attention of `norm(x)` for one token at position `pos` (device tensor), appending to the
-    /// `k`/`v` cache buffers.
+    /// `k`/`v` cache buffers; `x` is formed from `stream` and returned with the output.
     fn decode(
         &self,
-        x: &Tensor,
+        stream: &Stream,
         norm: &RmsNorm,
         rope: &RotaryEmbedding,
         pos: &Tensor,
         (k_cache, v_cache): (&Tensor, &Tensor),
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let rope = Rope {
             cos: &rope.cos,
             sin: &rope.sin,
         };
         let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
-        let (_, [q, k, v]) = project(LinearInput::Plain(x), Some(norm), qkv)?;
-        attention::kv_append(k_cache, &k, pos, Some(rope))?;
-        attention::kv_append(v_cache, &v, pos, None)?;
-        let out = attention::decode_attention(&q, k_cache, v_cache, pos, rope, self.num_heads)?;
-        self.output(&out)
+        let (sum, [q, k, v]) = project(stream.input(), Some(norm), qkv)?;
+        let x = stream.resolve(sum)?;
+        let new_kv = Some((&k, &v));
+        let out =
+            attention::decode_attention(&q, new_kv, k_cache, v_cache, pos, rope, self.num_heads)?;
+        Ok((x, self.output(&out)?))
     }
 }
 
 /// One decode step from `io.x` at `io.pos` into `io.logits`: what is recorded and replayed.
 fn step(model: &Model, head: &LmHead, cache: &Cache, io: &StepIo) -> candle_core::Result<()> {
     let buffers = cache.buffers()?;
-    let mut x = io.x.clone();
+    let mut x = Stream::new(io.x.clone());
     for (layer, kv) in model.layers.iter().zip(buffers) {
-        x = layer.forward(&x, |attn, x, norm| {
-            attn.decode(x, norm, &model.rotary, &io.pos, kv)
+        x = layer.forward(&x, |attn, stream, norm| {
+            attn.decode(stream, norm, &model.rotary, &io.pos, kv)
         })?;
     }
-    let hidden = model.norm.forward(&x)?;
+    let hidden = model.norm.forward(&x.sum()?)?;
     let h = hidden.dim(2)?;
     let logits = head.forward(&hidden.reshape((1, h))?)?;
     io.logits.slice_set(&logits, 0, 0)
