@@ -243,6 +243,24 @@ struct GemvMat {
     float scale;
 };
 
+// Group `group`, numbered across m0, m1, m2: its matrix in m and its number there (-1: none).
+template <typename OutT>
+__device__ __forceinline__ int pick_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
+                                          const GemvMat<OutT>& m2, int group, GemvMat<OutT>& m) {
+    const int g0 = (m0.out + 3) >> 2, g1 = (m1.out + 3) >> 2, g2 = (m2.out + 3) >> 2;
+    m = m0;
+    if (group >= g0) {
+        group -= g0;
+        m = m1;
+        if (group >= g1) {
+            group -= g1;
+            m = m2;
+            if (group >= g2) return -1;
+        }
+    }
+    return group;
+}
+
 // One warp: group `group` (numbered across m0, m1, m2) against NT tokens of activations q.
 template <int NT, typename OutT>
 __device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
@@ -251,17 +269,9 @@ __device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMa
                                            const float* __restrict__ scales,
                                            const int* __restrict__ sums, int nb, int divide) {
     const int lane = threadIdx.x & 31;
-    const int g0 = (m0.out + 3) >> 2, g1 = (m1.out + 3) >> 2, g2 = (m2.out + 3) >> 2;
-    GemvMat<OutT> m = m0;
-    if (group >= g0) {
-        group -= g0;
-        m = m1;
-        if (group >= g1) {
-            group -= g1;
-            m = m2;
-            if (group >= g2) return;
-        }
-    }
+    GemvMat<OutT> m;
+    group = pick_group(m0, m1, m2, group, m);
+    if (group < 0) return;
     const size_t k_pad = (size_t)nb * 256;
     const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
     const int chunks = nb * 16;
@@ -330,7 +340,8 @@ GEMV_ALL(bf16, __nv_bfloat16)
 // normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
 // from L2, far cheaper than a launch and a round trip through memory), then each warp computes
 // one group. Block 0 stores the residual sum. REGS * blockDim.x >= k keeps the whole row in
-// registers. Dynamic shared memory: nb * 256 bytes.
+// registers; REGS comes in steps of 4 (unused registers would cost occupancy: 2560 inputs
+// with 16 left gate/up's 432 blocks two waves). Dynamic shared memory: nb * 256 bytes.
 template <int REGS, typename T>
 __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T* __restrict__ x,
                            const T* __restrict__ r, int mode, T* __restrict__ sum_out,
@@ -339,16 +350,28 @@ __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T*
     extern __shared__ __align__(16) int8_t q[];
     __shared__ float scale;
     __shared__ int qsum;
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    {
+        // The weights do not depend on the row: start this warp's group on its way from HBM
+        // to L2 (one prefetch per 128-byte line) and quantize while it travels.
+        GemvMat<T> m;
+        const int g = pick_group(m0, m1, m2, group, m);
+        if (g >= 0) {
+            const size_t bytes = (size_t)nb * 256;
+            const uint8_t* wg = m.w + (size_t)g * bytes;
+            for (size_t o = (size_t)(threadIdx.x & 31) * 128; o < bytes; o += 32 * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o));
+        }
+    }
     const RowInput<T> in{x, r, mode};
     quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, norm, eps, q, &scale, &qsum,
                        k, nb * 256);
     __syncthreads();
-    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
     gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, divide);
 }
 
 #define GEMV_FUSED(REGS, NAME, T)                                                                 \
-    extern "C" __global__ void bitnet_gemv_fused##REGS##_##NAME(                                  \
+    extern "C" __global__ void __launch_bounds__(256) bitnet_gemv_fused##REGS##_##NAME(           \
         const uint8_t* w0, T* y0, int out0, float scale0, const uint8_t* w1, T* y1, int out1,     \
         float scale1, const uint8_t* w2, T* y2, int out2, float scale2, const T* x, const T* r,   \
         int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb, int divide) {       \
@@ -356,12 +379,15 @@ __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T*
                             {w2, y2, out2, scale2}, x, r, mode, sum_out, w, norm, eps, k, nb,     \
                             divide);                                                              \
     }
-GEMV_FUSED(8, f32, float)
-GEMV_FUSED(8, bf16, __nv_bfloat16)
-GEMV_FUSED(16, f32, float)
-GEMV_FUSED(16, bf16, __nv_bfloat16)
-GEMV_FUSED(32, f32, float)
-GEMV_FUSED(32, bf16, __nv_bfloat16)
+#define GEMV_FUSED_ALL(REGS) GEMV_FUSED(REGS, f32, float) GEMV_FUSED(REGS, bf16, __nv_bfloat16)
+GEMV_FUSED_ALL(4)
+GEMV_FUSED_ALL(8)
+GEMV_FUSED_ALL(12)
+GEMV_FUSED_ALL(16)
+GEMV_FUSED_ALL(20)
+GEMV_FUSED_ALL(24)
+GEMV_FUSED_ALL(28)
+GEMV_FUSED_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (c) GEMM for many tokens. Block tile: 64 rows (16 groups) x 64 tokens, K step 256 (one weight

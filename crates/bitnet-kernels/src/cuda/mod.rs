@@ -562,15 +562,12 @@ enum Acts<'a, T> {
     },
 }
 
-/// Registers per thread (`REGS` of `gemv_fused`) for the fused GEMV over `k` inputs: the row
-/// fits in registers up to 8192 inputs. Blocks are [`ROW_THREADS`] threads, 8 warps of one
-/// group of four rows each, so that even a 2560-row matrix spreads over 80 blocks.
+/// Registers per thread (`REGS` of `gemv_fused`) for the fused GEMV over `k` inputs: enough
+/// for the row, in steps of 4, up to 32 (8192 inputs; beyond, the rest is re-read). Blocks are
+/// [`ROW_THREADS`] threads, 8 warps of one group of four rows each, so that even a 2560-row
+/// matrix spreads over 80 blocks.
 fn fused_regs(k: usize) -> usize {
-    match k.div_ceil(ROW_THREADS) {
-        0..=8 => 8,
-        9..=16 => 16,
-        _ => 32,
-    }
+    k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 32)
 }
 
 fn products<T: DeviceRepr + CudaDType>(
