@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use anyhow::{bail, Context, Result};
 use bitnet_model::{ForCausalLM, Weights};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::runtime::{self, RuntimeArgs};
 use crate::source::SourceArgs;
@@ -168,7 +168,7 @@ fn repeat(n: usize, mut f: impl FnMut() -> Result<f64>) -> Result<Vec<f64>> {
 
 fn prefill(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     model.clear_cache();
-    let ids = Tensor::new(tokens, model.device())?.unsqueeze(0)?;
+    let ids = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
     model.forward(&ids, 0)?;
     Ok(())
 }
@@ -178,7 +178,7 @@ fn prefill(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
 fn decode(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     model.clear_cache();
     for (i, &t) in tokens.iter().enumerate() {
-        let ids = Tensor::new(&[t], model.device())?.unsqueeze(0)?;
+        let ids = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
         model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
     }
     Ok(())

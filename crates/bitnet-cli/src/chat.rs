@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use bitnet_model::chat::{ChatTemplate, Message};
 use bitnet_model::generation::{generate, GenerateOptions, StopReason};
 use bitnet_model::ForCausalLM;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::generate::Timings;
 use crate::runtime::{self, RuntimeArgs};
@@ -245,7 +245,7 @@ fn rewind(model: &mut ForCausalLM, cached: &mut Vec<u32>, ids: &[u32]) -> Result
         } else {
             // ForCausalLM rewinds its cache when given a smaller offset: re-feed the last kept
             // token at its own position so the cache ends exactly at `common`.
-            let last = Tensor::new(&ids[common - 1..common], model.device())?.unsqueeze(0)?;
+            let last = Tensor::new(&ids[common - 1..common], &Device::Cpu)?.unsqueeze(0)?;
             model.forward(&last, common - 1)?;
         }
         cached.truncate(common);

@@ -703,10 +703,11 @@ __device__ void kv_append(const T* __restrict__ x, const T* __restrict__ cos,
 }
 
 #define ATT_KEYS 32    // keys per block of the partial pass
+#define ATT_WARPS 8    // warps per block (256 threads: src/cuda/attention.rs launches that)
 #define ATT_MAX_HD 256 // head_dim limit (8 values per lane)
 
 // Block (head, split) attends to keys split*ATT_KEYS .. (those <= *pos) with an online softmax
-// per warp (at most 8 warps), merges its warps and writes [m, l, acc[hd]] to part[head][split];
+// per warp (ATT_WARPS of them), merges its warps and writes [m, l, acc[hd]] to part[head][split];
 // the head's last block to finish (a counter in `done`, reset afterwards) merges the splits.
 // With knew/vnew (this token's keys and values, [nkv, hd] in T) the block whose split holds
 // *pos takes that row from them instead of the cache, and the first query head of each kv group
@@ -721,10 +722,10 @@ __device__ void attn_decode(const T* __restrict__ q, const T* __restrict__ knew,
                             float scale) {
     __shared__ float qs[ATT_MAX_HD], ks[ATT_MAX_HD], vs[ATT_MAX_HD];
     __shared__ float wm[32], wl[32];
-    __shared__ float wacc[8][ATT_MAX_HD];
+    __shared__ float wacc[ATT_WARPS][ATT_MAX_HD];
     __shared__ bool last;
     const int head = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = ATT_WARPS;
     const int half = hd >> 1, rep = nh / nkv;
     const unsigned p = *pos;
     const bool valid = p < (unsigned)limit;
@@ -764,15 +765,32 @@ __device__ void attn_decode(const T* __restrict__ q, const T* __restrict__ knew,
     float m = -INFINITY, l = 0.0f, acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int j = j0 + warp; j < j1; j += warps) {
+    // Warp w takes keys j0 + w, j0 + w + 8, ...: all their K and V values are loaded first, so
+    // the loads are in flight together rather than one key's latency after another.
+    constexpr int KPW = ATT_KEYS / ATT_WARPS;
+    float kv[KPW][8], vv[KPW][8];
+#pragma unroll
+    for (int u = 0; u < KPW; ++u) {
+        const int j = j0 + warp + u * ATT_WARPS;
         const bool fresh = holds_new && (unsigned)j == p;
         const float* kr = fresh ? ks : kc + ((size_t)kvh * cap + j) * hd;
         const float* vr = fresh ? vs : vc + ((size_t)kvh * cap + j) * hd;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int d = lane + 32 * i;
+            const bool in = j < j1 && d < hd;
+            kv[u][i] = in ? kr[d] : 0.0f;
+            vv[u][i] = in ? vr[d] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < KPW; ++u) {
+        if (j0 + warp + u * ATT_WARPS >= j1) break;
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int d = lane + 32 * i;
-            if (d < hd) s = fmaf(qs[d], kr[d], s);
+            if (d < hd) s = fmaf(qs[d], kv[u][i], s);
         }
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         s *= scale;
@@ -782,7 +800,7 @@ __device__ void attn_decode(const T* __restrict__ q, const T* __restrict__ knew,
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int d = lane + 32 * i;
-            if (d < hd) acc[i] = fmaf(acc[i], corr, e * vr[d]);
+            if (d < hd) acc[i] = fmaf(acc[i], corr, e * vv[u][i]);
         }
         m = mn;
     }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenizers::Tokenizer;
@@ -299,7 +299,9 @@ pub fn generate(
             reason: format!("longer than the model's context of {context} tokens; shorten it"),
         });
     }
-    let device = model.device().clone();
+    // Ids stay on the host: the model checks them there anyway, and on a GPU a decode step
+    // uploads only the embedded row.
+    let device = Device::Cpu;
     let mut history = prompt.to_vec();
     let mut stream = TextStream::new(tokenizer);
     let mut pending = String::new();

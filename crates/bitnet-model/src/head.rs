@@ -104,14 +104,17 @@ impl Embedding {
         }
     }
 
-    /// Rows for `ids` (u32, any shape, already checked to be `< rows`) as `[n, cols]`.
+    /// Rows for `ids` (u32, any shape, on any device, already checked to be `< rows`) as
+    /// `[n, cols]` on the model's device.
     pub(crate) fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let ids = ids.flatten_all()?;
         if let Some(m) = &self.exact {
             return self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i));
         }
         match &self.table {
-            Table::F32(t) => t.index_select(&ids, 0)?.to_dtype(self.dtype),
+            Table::F32(t) => t
+                .index_select(&ids.to_device(t.device())?, 0)?
+                .to_dtype(self.dtype),
             Table::Bf16(m) => self.gather(&ids, m.rows(), m.cols(), |i| {
                 m.row(i).map(|r| r.iter().map(|v| v.to_f32()).collect())
             }),

@@ -612,6 +612,18 @@ fn causal_mask(t: usize, offset: usize, device: &Device) -> candle_core::Result<
     Tensor::from_vec(mask, (t, total), device).map(Some)
 }
 
+/// Checked token ids `[batch, t]`, on the host.
+struct Ids {
+    host: Vec<u32>,
+    dims: (usize, usize),
+}
+
+impl Ids {
+    fn to_device(&self, device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::from_slice(&self.host, self.dims, device)
+    }
+}
+
 /// A BitNet b1.58 causal language model with its KV cache: the type to load and run.
 ///
 /// ```no_run
@@ -803,9 +815,10 @@ impl ForCausalLM {
         })
     }
 
-    /// Logits of the **last** position, `[batch, vocab]` in f32, for `input_ids` (`[batch, seq]`,
-    /// u32) at positions `seqlen_offset..seqlen_offset + seq`. Rows of a batch are independent
-    /// sequences of equal length (there is no padding mask).
+    /// Logits of the **last** position, `[batch, vocab]` in f32 on the model's device, for
+    /// `input_ids` (`[batch, seq]`, u32, on any device: a CPU tensor saves a GPU model two
+    /// copies per step) at positions `seqlen_offset..seqlen_offset + seq`. Rows of a batch are
+    /// independent sequences of equal length (there is no padding mask).
     ///
     /// The KV cache must hold exactly the first `seqlen_offset` positions of these sequences:
     /// pass 0 for a new prompt (the cache is reset), then the number of tokens processed so far.
@@ -822,9 +835,10 @@ impl ForCausalLM {
         }
         let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
         #[cfg(feature = "cuda")]
-        if self.decodes_on_cuda(ids.dim(0)?, t) {
-            return self.decode_cuda(&ids, seqlen_offset);
+        if self.decodes_on_cuda(ids.dims.0, t) {
+            return self.decode_cuda(ids.host[0], seqlen_offset);
         }
+        let ids = ids.to_device(self.device())?;
         let mut last = None;
         for start in (0..t).step_by(self.prefill_chunk) {
             let n = self.prefill_chunk.min(t - start);
@@ -848,6 +862,7 @@ impl ForCausalLM {
             return rayon::scope(|_| self.forward_all(input_ids, seqlen_offset));
         }
         let (ids, t) = self.prepare(input_ids, seqlen_offset)?;
+        let ids = ids.to_device(self.device())?;
         let mut chunks = Vec::new();
         for start in (0..t).step_by(self.prefill_chunk) {
             let n = self.prefill_chunk.min(t - start);
@@ -868,12 +883,8 @@ impl ForCausalLM {
     }
 
     /// Checks the ids and positions, and rewinds the cache to `offset`.
-    fn prepare(
-        &mut self,
-        input_ids: &Tensor,
-        offset: usize,
-    ) -> candle_core::Result<(Tensor, usize)> {
-        let (_, t) = input_ids.dims2()?;
+    fn prepare(&mut self, input_ids: &Tensor, offset: usize) -> candle_core::Result<(Ids, usize)> {
+        let dims @ (_, t) = input_ids.dims2()?;
         if t == 0 {
             candle_core::bail!("forward needs at least one token");
         }
@@ -890,17 +901,15 @@ impl ForCausalLM {
             DType::I64 | DType::U8 => input_ids.to_dtype(DType::U32)?,
             other => candle_core::bail!("input_ids must be u32 token ids, got {other:?}"),
         };
+        // Checked on the host (an out-of-range id would read past the embedding table), so ids
+        // may come from either device; a GPU decode step needs only these host values.
+        let host = ids.flatten_all()?.to_vec1::<u32>()?;
         let vocab = self.config.vocab_size as u32;
-        if let Some(&bad) = ids
-            .flatten_all()?
-            .to_vec1::<u32>()?
-            .iter()
-            .find(|&&id| id >= vocab)
-        {
+        if let Some(&bad) = host.iter().find(|&&id| id >= vocab) {
             candle_core::bail!("token id {bad} is out of range for a vocabulary of {vocab}");
         }
         self.cache.seek(offset)?;
-        Ok((ids, t))
+        Ok((Ids { host, dims }, t))
     }
 
     fn hidden(&mut self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {

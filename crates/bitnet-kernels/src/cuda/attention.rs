@@ -27,6 +27,9 @@ use crate::error::KernelError;
 /// Keys per block of the partial attention pass (`ATT_KEYS` in kernels/bitnet.cu).
 pub const ATT_KEYS: usize = 32;
 
+/// Warps per block of the attention launch (`ATT_WARPS` in kernels/bitnet.cu).
+const ATT_WARPS: usize = 8;
+
 /// Largest supported head dimension (`ATT_MAX_HD` in kernels/bitnet.cu).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -310,7 +313,7 @@ impl DecodeAttention<'_> {
             // per-warp scratch holds 8 warps; with new keys/values it writes cache row *pos <
             // limit ≤ capacity of each kv head (the caches are updated in place, as by
             // `kv_append`).
-            unsafe { b.launch(cfg((nh, splits), 256)) }.w()?;
+            unsafe { b.launch(cfg((nh, splits), 32 * ATT_WARPS)) }.w()?;
             Ok(())
         })?;
         Ok((T::wrap_cuda_slice(y, dev), ql.shape().clone()))

@@ -371,6 +371,58 @@ fn quantize_typed<T: CudaDType + DeviceRepr>(
     Ok((acts, sum.map(|s| T::wrap_cuda_slice(s, dev))))
 }
 
+/// Copies the host tensor `src` into the CUDA tensor `dst` in place (same dtype — u32, f32 or
+/// bf16 — and element count, both contiguous): one upload, no kernel and no allocation, so a
+/// recorded [`Graph`] reading `dst` sees the new values.
+pub fn copy_from_host(dst: &Tensor, src: &Tensor) -> Result<()> {
+    dst.inplace_op1(&Upload { src })
+}
+
+struct Upload<'a> {
+    src: &'a Tensor,
+}
+
+impl candle_core::InplaceOp1 for Upload<'_> {
+    fn name(&self) -> &'static str {
+        "copy-from-host"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("copy_from_host: the destination must be on a CUDA device")
+    }
+
+    fn cuda_fwd(&self, dst: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        let (d0, d1) = contiguous(layout, "copy_from_host destination")?;
+        let (guard, sl) = self.src.storage_and_layout();
+        let Storage::Cpu(src) = &*guard else {
+            candle_core::bail!("copy_from_host: the source must be on the CPU");
+        };
+        let (s0, s1) = contiguous(sl, "copy_from_host source")?;
+        if s1 - s0 != d1 - d0 {
+            candle_core::bail!("copy_from_host: {} values into {}", s1 - s0, d1 - d0);
+        }
+        let stream = dst.device().cuda_stream();
+        match (src, dst.dtype()) {
+            (CpuStorage::U32(v), DType::U32) => {
+                let mut d = dst.as_cuda_slice_mut::<u32>()?.slice_mut(d0..d1);
+                stream.memcpy_htod(&v[s0..s1], &mut d)
+            }
+            (CpuStorage::F32(v), DType::F32) => {
+                let mut d = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+                stream.memcpy_htod(&v[s0..s1], &mut d)
+            }
+            (CpuStorage::BF16(v), DType::BF16) => {
+                let mut d = dst.as_cuda_slice_mut::<bf16>()?.slice_mut(d0..d1);
+                stream.memcpy_htod(&v[s0..s1], &mut d)
+            }
+            (s, d) => {
+                candle_core::bail!("copy_from_host: {} into {}", s.dtype().as_str(), d.as_str())
+            }
+        }
+        .w()
+    }
+}
+
 /// Kernel (a) on a tensor: quantizes `x` (`[..., k]`, f32 or bf16, on a CUDA device) into rows
 /// of `k_pad ≥ k` int8 values.
 pub fn quantize(x: &Tensor, k_pad: usize) -> Result<QuantizedActs> {

@@ -18,8 +18,8 @@
 //! synchronizes with the host, e.g. a CPU-side LM head), decoding stays eager.
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
-use bitnet_kernels::cuda::Graph;
-use candle_core::{DType, Module, Tensor, TensorId};
+use bitnet_kernels::cuda::{copy_from_host, Graph};
+use candle_core::{DType, Device, Module, Tensor, TensorId};
 
 use super::{project, Attention, ForCausalLM, Model, RmsNorm, RotaryEmbedding, Stream};
 use crate::cache::Cache;
@@ -102,13 +102,9 @@ impl ForCausalLM {
             && hd <= MAX_HEAD_DIM
     }
 
-    /// Logits `[1, vocab]` for one token `ids` (`[1, 1]`) at `offset` (cache already rewound).
-    pub(super) fn decode_cuda(
-        &mut self,
-        ids: &Tensor,
-        offset: usize,
-    ) -> candle_core::Result<Tensor> {
-        let r = self.decode_cuda_inner(ids, offset);
+    /// Logits `[1, vocab]` for token `id` at `offset` (cache already rewound).
+    pub(super) fn decode_cuda(&mut self, id: u32, offset: usize) -> candle_core::Result<Tensor> {
+        let r = self.decode_cuda_inner(id, offset);
         if r.is_err() {
             // As in `hidden`: a failed step may have written some layers only.
             self.cache.clear();
@@ -116,17 +112,18 @@ impl ForCausalLM {
         r
     }
 
-    fn decode_cuda_inner(&mut self, ids: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+    fn decode_cuda_inner(&mut self, id: u32, offset: usize) -> candle_core::Result<Tensor> {
         let max = self.max_context();
         let dev = self.device().clone();
         let c = &self.config;
         let dims = (1, c.num_key_value_heads, c.head_dim);
         let (hidden, vocab) = (c.hidden_size, c.vocab_size);
         self.cache.reserve(dims, offset + 1, max, &dev)?;
+        // The lookup reads the host id (the table lives on the host unless it is F32).
         let x = self
             .model
             .embed_tokens
-            .forward(ids)?
+            .forward(&Tensor::new(&[id], &Device::Cpu)?)?
             .reshape((1, 1, hidden))?;
         let dtype = self.model.dtype;
         let graph = &mut self.decode_graph;
@@ -139,8 +136,9 @@ impl ForCausalLM {
             }),
         };
         io.x.slice_set(&x, 0, 0)?;
-        io.pos
-            .slice_set(&Tensor::new(&[offset as u32], &dev)?, 0, 0)?;
+        let position = u32::try_from(offset)
+            .map_err(|_| candle_core::Error::Msg(format!("position {offset} exceeds u32")))?;
+        copy_from_host(&io.pos, &Tensor::new(&[position], &Device::Cpu)?)?;
         let ids_now = self.cache.buffer_ids();
         match &graph.recorded {
             Some((ids, g)) if self.cuda_graphs && *ids == ids_now => g.launch()?,
