@@ -206,7 +206,7 @@ __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T*
 }
 
 // One block per token. q is [tokens, k_pad]; scales and sums [tokens].
-template <typename T>
+template <int REGS, typename T>
 __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin, int mode,
                               T* __restrict__ sum_out, const T* __restrict__ w, int norm,
                               float eps, int8_t* __restrict__ q, float* __restrict__ scales,
@@ -214,17 +214,24 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
     const size_t t = blockIdx.x;
     const RowInput<T> in{x + t * k, rin + t * k, mode};
     T* so = mode == INPUT_ADD ? sum_out + t * k : nullptr;
-    quantize_row<ROW_REGS>(in, so, w, norm, eps, q + t * k_pad, scales + t, sums + t, k, k_pad);
+    quantize_row<REGS>(in, so, w, norm, eps, q + t * k_pad, scales + t, sums + t, k, k_pad);
 }
 
-#define QUANT(NAME, T)                                                                            \
-    extern "C" __global__ void bitnet_quant_##NAME(const T* x, const T* r, int mode, T* sum_out,  \
-                                                   const T* w, int norm, float eps, int8_t* q,    \
-                                                   float* s, int* sums, int k, int k_pad) {       \
-        quantize_rows(x, r, mode, sum_out, w, norm, eps, q, s, sums, k, k_pad);                   \
+#define QUANT(REGS, NAME, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) bitnet_quant##REGS##_##NAME(                \
+        const T* x, const T* r, int mode, T* sum_out, const T* w, int norm, float eps, int8_t* q, \
+        float* s, int* sums, int k, int k_pad) {                                                  \
+        quantize_rows<REGS>(x, r, mode, sum_out, w, norm, eps, q, s, sums, k, k_pad);             \
     }
-QUANT(f32, float)
-QUANT(bf16, __nv_bfloat16)
+#define QUANT_ALL(REGS) QUANT(REGS, f32, float) QUANT(REGS, bf16, __nv_bfloat16)
+QUANT_ALL(4)
+QUANT_ALL(8)
+QUANT_ALL(12)
+QUANT_ALL(16)
+QUANT_ALL(20)
+QUANT_ALL(24)
+QUANT_ALL(28)
+QUANT_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (b) GEMV for NT <= 8 tokens: one warp per group of 4 rows. The group's nb*256 bytes are read as

@@ -4,7 +4,7 @@
 //! The kernels live in `kernels/bitnet.cu`, compiled to PTX by `build.rs` and loaded once per
 //! device through candle's [`CudaDevice::get_or_load_custom_func`]. A BitLinear runs two launches:
 //!
-//! 1. per-token absmax int8 quantization (`bitnet_quant_*`): int8 values padded to the weight's
+//! 1. per-token absmax int8 quantization (`bitnet_quant*`): int8 values padded to the weight's
 //!    block size, per-token scale `s` and per-token `Σq`;
 //! 2. the ternary product with the epilogue fused: a dp4a GEMV, one warp per group of four rows,
 //!    for up to [`GEMV_MAX_TOKENS`] tokens per pass (up to [`AUTO_GEMV_MAX_TOKENS`] tokens), or a
@@ -16,11 +16,13 @@
 //! same sequence of IEEE f32 operations as on the CPU, so outputs match the CPU path bit for bit
 //! (tests/cuda.rs).
 //!
-//! [`linears_shared`] is the fused form the model uses: one launch forms the input (a residual
-//! sum or the gated activation), applies the RMSNorm and quantizes, and one GEMV launch serves up
-//! to three weights. The functions here also expose each stage separately for tests and
-//! benchmarks. Decoding adds [`attention`] (single-token attention against an f32 KV cache) and
-//! [`Graph`] (one launch for a recorded step).
+//! [`linears_shared`] is the fused form the model uses: the input (a residual sum or the gated
+//! activation) is formed, normalized and quantized once for up to three weights; for one token
+//! that happens inside the GEMV launch itself (`bitnet_gemv_fused*`: each block quantizes the
+//! row into shared memory), so a decoded BitLinear is one launch. The functions here also expose
+//! each stage separately for tests and benchmarks. Decoding adds [`attention`] (single-token
+//! attention against an f32 KV cache, appending the token's keys and values in the same launch)
+//! and [`Graph`] (one launch for a recorded step).
 
 pub mod attention;
 mod graph;
@@ -344,7 +346,7 @@ fn quantize_typed<T: CudaDType + DeviceRepr>(
     let mut sum = sum_buffer(&dev, &row, k)?;
     if tokens > 0 {
         let (ki, kpi) = (i32_arg(k)?, i32_arg(k_pad)?);
-        let f = func(&dev, &format!("bitnet_quant_{suffix}"))?;
+        let f = func(&dev, &format!("bitnet_quant{}_{suffix}", row_regs(k)))?;
         let stream = dev.cuda_stream();
         let (mut q, mut rest) = buf.split_at_mut(tokens * k_pad);
         let (mut scales, mut sums) = rest.split_at_mut(4 * tokens);
@@ -441,7 +443,8 @@ pub fn quantize(x: &Tensor, k_pad: usize) -> Result<QuantizedActs> {
 /// `ops` (BitLinears with the same input size) applied to `RMSNorm(input)` — or to the input
 /// when `norm` is `None` — with **one** launch forming the input (`x`, a residual sum `x + r`,
 /// or the gated `relu(x)²·r`), normalizing and quantizing it for all of them, then one GEMV
-/// launch per three weights (or one GEMM each). Equal, bit for bit, to the separate ops
+/// launch per three weights (or one GEMM each). For one token the forming, norm and
+/// quantization run inside each GEMV launch instead: one launch per three weights in all. Equal, bit for bit, to the separate ops
 /// (candle's add, [`crate::Relu2MulOp`], [`crate::RmsNormOp`], then each
 /// [`BitLinearOp::forward`]): the quantizer sees exactly the values those would store.
 ///
@@ -614,11 +617,13 @@ enum Acts<'a, T> {
     },
 }
 
-/// Registers per thread (`REGS` of `gemv_fused`) for the fused GEMV over `k` inputs: enough
-/// for the row, in steps of 4, up to 32 (8192 inputs; beyond, the rest is re-read). Blocks are
-/// [`ROW_THREADS`] threads, 8 warps of one group of four rows each, so that even a 2560-row
-/// matrix spreads over 80 blocks.
-fn fused_regs(k: usize) -> usize {
+/// Values per thread held in registers (`REGS` of `quantize_row` in kernels/bitnet.cu, for the
+/// quantizer and the fused GEMV) over `k` inputs: enough for the row, in steps of 4 (unused
+/// registers cost occupancy: 16 for 2560 inputs left gate/up's 432 blocks two waves), up to 32
+/// (8192 inputs; beyond, the rest is re-read). The fused GEMV's blocks are [`ROW_THREADS`]
+/// threads, 8 warps of one group of four rows each, so that even a 2560-row matrix spreads over
+/// 80 blocks.
+fn row_regs(k: usize) -> usize {
     k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 32)
 }
 
@@ -692,7 +697,7 @@ fn products<T: DeviceRepr + CudaDType>(
                     let (name, grid_warps, threads, smem) = match &fused {
                         None => (format!("bitnet_gemv{nt}_{suffix}"), 4, 128, 0),
                         Some((_, _, k, _)) => {
-                            let name = format!("bitnet_gemv_fused{}_{suffix}", fused_regs(*k));
+                            let name = format!("bitnet_gemv_fused{}_{suffix}", row_regs(*k));
                             (name, ROW_THREADS / 32, ROW_THREADS, k_pad)
                         }
                     };
