@@ -197,7 +197,7 @@ fn main() -> Result<()> {
         rows.push(Row {
             shape: shape.clone(),
             batch: 1,
-            what: "linears_shared: norm+quantize, one GEMV launch".into(),
+            what: "linears_shared: one launch (norm, quantization and GEMV)".into(),
             us,
             weight_bytes,
             macs,
