@@ -88,6 +88,16 @@ const SHAPES: [(usize, usize); 9] = [
     (640, 2560),
 ];
 
+/// A tensor's values (any dtype, any device) as host f32, flattened.
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn token_counts() -> Vec<usize> {
     let mut t: Vec<usize> = (1..=20).collect();
     t.push(128);
@@ -117,13 +127,7 @@ fn quantization_matches_cpu() {
                 .unwrap();
             let mut reference = cpu.clone();
             if dtype == DType::BF16 {
-                let xb: Vec<f32> = xt
-                    .flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let xb = host_f32(&xt);
                 reference.quantize(&xb, tokens, k, k_pad);
             }
             let acts = cuda::quantize(&xt.to_device(dev).unwrap(), k_pad).unwrap();
@@ -175,15 +179,7 @@ fn bitlinear_kernels_match_cpu_bit_exact() {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let expected: Vec<f32> = op
-                    .forward(&xc)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let expected = host_f32(&op.forward(&xc).unwrap());
                 let xg = xc.to_device(dev).unwrap();
                 for kernel in [
                     Kernel::Auto,
@@ -208,13 +204,7 @@ fn bitlinear_kernels_match_cpu_bit_exact() {
                             continue;
                         }
                     };
-                    let got: Vec<f32> = y
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
+                    let got = host_f32(&y);
                     let worst = got
                         .iter()
                         .zip(&expected)
@@ -320,13 +310,7 @@ fn bf16_head_matches_cpu() {
                     .unwrap()
                     .to_dtype(dtype)
                     .unwrap();
-                let xf: Vec<f32> = xc
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let xf = host_f32(&xc);
                 let expected: Vec<f32> = op
                     .forward(&xc)
                     .unwrap()
@@ -379,17 +363,7 @@ fn rms_norm_matches_cpu() {
                 .forward(&x.to_device(gpu()).unwrap(), &w.to_device(gpu()).unwrap())
                 .unwrap();
             assert_eq!(gpu_out.dtype(), dtype);
-            let flat = |t: &Tensor| {
-                t.to_device(&Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
-            for (i, (a, b)) in flat(&gpu_out).iter().zip(flat(&cpu)).enumerate() {
+            for (i, (a, b)) in host_f32(&gpu_out).iter().zip(host_f32(&cpu)).enumerate() {
                 // f32: the mean of squares may differ in its last bits (summation order).
                 let ok = if dtype == DType::F32 {
                     (a - b).abs() <= 1e-5 * b.abs().max(1e-3)
@@ -542,27 +516,14 @@ fn decode_attention_matches_reference() {
                     attention::decode_attention(&qg, Some((&kn, &vn)), &kf, &vf, &p, rope, nh)
                         .unwrap();
                 let bits = |t: &Tensor| -> Vec<u32> {
-                    let v: Vec<f32> = t
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    v.into_iter().map(f32::to_bits).collect()
+                    host_f32(t).into_iter().map(f32::to_bits).collect()
                 };
                 assert_eq!(bits(&fused), bits(&out), "appending in the launch: output");
                 assert_eq!(bits(&kf), bits(&kg), "appending in the launch: keys");
                 assert_eq!(bits(&vf), bits(&vg), "appending in the launch: values");
                 assert_eq!(out.dims(), &[1, 1, nh * hd]);
                 assert_eq!(out.dtype(), dtype);
-                let got: Vec<f32> = out
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let got = host_f32(&out);
                 let kgot: Vec<f32> = kg.flatten_all().unwrap().to_vec1().unwrap();
                 let vgot: Vec<f32> = vg.flatten_all().unwrap().to_vec1().unwrap();
 
@@ -690,15 +651,7 @@ fn relu2_mul_matches_cpu() {
             let gpu = bitnet_kernels::Relu2MulOp
                 .forward(&g.to_device(dev).unwrap(), &u.to_device(dev).unwrap())
                 .unwrap();
-            let v = |x: Tensor| -> Vec<f32> {
-                x.to_dtype(DType::F32)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            assert_eq!(v(gpu), v(cpu), "n={n} {dtype:?}");
+            assert_eq!(host_f32(&gpu), host_f32(&cpu), "n={n} {dtype:?}");
         }
     }
 }
@@ -767,19 +720,12 @@ fn linears_shared_matches_separate_ops() {
                         "inp={inp} tokens={tokens} {dtype:?} {input:?} norm={}",
                         norm.is_some()
                     );
-                    let v = |t: &Tensor| -> Vec<f32> {
-                        t.to_dtype(DType::F32)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1()
-                            .unwrap()
-                    };
                     match (&sum, &want_sum) {
                         // NaN inputs (one token has one) give NaN sums on both sides.
                         (Some(s), Some(w)) => assert!(
-                            v(s).iter()
-                                .zip(v(w))
+                            host_f32(s)
+                                .iter()
+                                .zip(host_f32(w))
                                 .all(|(a, b)| *a == b || (a.is_nan() && b.is_nan())),
                             "sum {case}"
                         ),
@@ -788,8 +734,9 @@ fn linears_shared_matches_separate_ops() {
                     }
                     if let (Some(a), Some(b)) = (&sum, &sum1) {
                         assert!(
-                            v(a).iter()
-                                .zip(v(b))
+                            host_f32(a)
+                                .iter()
+                                .zip(host_f32(b))
                                 .all(|(a, b)| *a == b || (a.is_nan() && b.is_nan())),
                             "sum of one launch: {case}"
                         );
@@ -797,7 +744,7 @@ fn linears_shared_matches_separate_ops() {
                     for (op, y) in ops.iter().zip(got).chain(ops.iter().zip(got1)) {
                         let want = op.forward(separate).unwrap();
                         assert_eq!(y.dims(), want.dims());
-                        assert_eq!(v(&y), v(&want), "{case}");
+                        assert_eq!(host_f32(&y), host_f32(&want), "{case}");
                     }
                 }
             }
