@@ -659,8 +659,8 @@ fn relu2_mul_matches_cpu() {
 /// One fused launch (input: x, x + r or relu(x)²·r; then the norm; then quantization) shared by
 /// several BitLinears equals, bit for bit, the separate ops followed by each BitLinear; four
 /// weights take two multi-matrix GEMV launches; the residual sum equals candle's add. One token
-/// takes the GEMV with the quantizer inside (every register size: 96..=2048, ..=4096, beyond;
-/// 9000 also leaves part of the row outside registers), more tokens the quantization kernel.
+/// takes the GEMV with the quantizer inside (4, 12, 28 and 32 values per thread in registers;
+/// 9000 inputs also leave part of the row outside them), more tokens the quantization kernel.
 #[test]
 fn linears_shared_matches_separate_ops() {
     let dev = gpu();
