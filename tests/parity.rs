@@ -6,6 +6,8 @@
 //! top-2 margin is below 1e-2. bf16 is looser because transformers itself rounds three times
 //! per BitLinear in bf16 (fixtures/README.md): mean NLL within 0.1, greedy until margin < 0.5.
 
+use std::path::Path;
+
 use bitnet_model::chat::{load_tokenizer, ChatTemplate, Message};
 use bitnet_model::ForCausalLM;
 use bitnet_tests::{fixture_dir, Reference, FIXTURES};
@@ -32,13 +34,18 @@ const BF16: Tolerance = Tolerance {
 };
 
 fn check_fixture(name: &str, dtype: DType) {
+    check_dir(name, &fixture_dir(name), dtype);
+}
+
+/// Checks the checkpoint in `dir` against fixture `name`'s reference outputs.
+fn check_dir(name: &str, dir: &Path, dtype: DType) {
     let (key, tol) = match dtype {
         DType::F32 => ("f32", F32),
         _ => ("bf16", BF16),
     };
     let reference = Reference::load(name).unwrap();
-    let mut model = ForCausalLM::load(&fixture_dir(name), dtype, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut model =
+        ForCausalLM::load(dir, dtype, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
 
     // Teacher-forced NLL and logits from one forward over the evaluation text.
     let ids = reference.ids("/input_ids");
@@ -129,6 +136,32 @@ fn f32_matches_transformers() {
     for name in FIXTURES {
         check_fixture(name, DType::F32);
     }
+}
+
+/// transformers 5 `save_pretrained` writes the RoPE base as `rope_parameters.rope_theta` and no
+/// top-level `rope_theta`; the bitnet fixture's base (500000) is not the default (10000), so
+/// reading the wrong key would fail here.
+#[test]
+fn transformers5_config_layout_matches_transformers() {
+    let name = "bitnet-packed";
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = tmp.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let config = config.as_object_mut().unwrap();
+    let theta = config.remove("rope_theta").unwrap();
+    assert_eq!(theta, 500000.0);
+    config.remove("rope_scaling");
+    config.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_theta": theta, "rope_type": "default"}),
+    );
+    std::fs::write(&config_path, serde_json::to_string(config).unwrap()).unwrap();
+    check_dir(name, tmp.path(), DType::F32);
 }
 
 #[test]

@@ -10,11 +10,13 @@
 //!   **divided** unless `linear_class: autobitlinear`.
 //!
 //! The config is read as a JSON object and each key is extracted by hand rather than derived, so
-//! that an error can name the key and its value. Keys this crate does not use are **ignored**:
-//! HF configs carry many (`initializer_range`, `use_cache`, `transformers_version`, …) that do
-//! not affect inference, and rejecting them would break on every new transformers release.
-//! Keys that *would* change the computation and are not implemented (`rope_scaling`, biases,
-//! `use_rms_norm`) are rejected instead of silently ignored.
+//! that an error can name the key and its value. Keys that would change the computation and are
+//! not implemented (`rope_scaling`, a non-default `rope_parameters.rope_type`, biases,
+//! `use_rms_norm`) are rejected. HF configs also carry many keys that do not affect inference
+//! (`initializer_range`, `use_cache`, `transformers_version`, …); those are accepted. A key that
+//! is neither (a newer transformers option, a typo) does not stop loading, since rejecting it
+//! would break on every transformers release, but it is listed in
+//! [`Config::unrecognized_keys`] and the model reports it as a warning.
 
 use std::path::{Path, PathBuf};
 
@@ -99,6 +101,9 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token(s); `eos_token_id` may be a number or a list.
     pub eos_token_ids: Vec<u32>,
+    /// Keys of the file (nested ones as `quantization_config.key`) that this crate neither reads
+    /// nor knows to be irrelevant to inference, sorted.
+    pub unrecognized_keys: Vec<String>,
 }
 
 /// The file name errors show when the config did not come from a file.
@@ -144,7 +149,75 @@ impl Config {
     pub fn num_key_value_groups(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
     }
+
+    /// The warning a loader shows for [`Config::unrecognized_keys`], if there are any.
+    pub fn unrecognized_keys_warning(&self) -> Option<String> {
+        (!self.unrecognized_keys.is_empty()).then(|| {
+            format!(
+                "config.json has key(s) this implementation does not know: {}; if one of them \
+                 changes the computation, outputs will differ from transformers",
+                self.unrecognized_keys.join(", ")
+            )
+        })
+    }
 }
+
+/// Top-level keys that are read, or that transformers writes and that do not change inference.
+const KNOWN_KEYS: &[&str] = &[
+    // read by `Keys::build`
+    "model_type",
+    "quantization_config",
+    "hidden_act",
+    "rope_scaling",
+    "rope_parameters",
+    "rope_theta",
+    "attention_bias",
+    "mlp_bias",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+    "intermediate_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "architectures",
+    "weight_bits",
+    // training, bookkeeping and PretrainedConfig defaults
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "auto_map",
+    "initializer_range",
+    "use_cache",
+    "pad_token_id",
+    "attention_dropout",
+    "pretraining_tp",
+    "input_bits",
+    "id2label",
+    "label2id",
+    "is_encoder_decoder",
+    "chunk_size_feed_forward",
+    "output_attentions",
+    "output_hidden_states",
+    "problem_type",
+    "return_dict",
+];
+
+/// `quantization_config` keys of transformers' `BitNetQuantConfig`.
+const KNOWN_QUANT_KEYS: &[&str] = &[
+    "quant_method",
+    "linear_class",
+    "quantization_mode",
+    "use_rms_norm",
+    "rms_norm_eps",
+    "modules_to_not_convert",
+];
 
 /// Typed access to the keys of one JSON object, producing errors that name the key.
 struct Keys<'a> {
@@ -358,7 +431,7 @@ impl Keys<'_> {
         if rms_norm_eps <= 0.0 {
             return Err(self.err("rms_norm_eps", rms_norm_eps, "must be positive"));
         }
-        let rope_theta = self.f64("rope_theta", 10_000.0)?;
+        let rope_theta = self.rope_theta()?;
         if rope_theta <= 1.0 {
             return Err(self.err("rope_theta", rope_theta, "must be greater than 1"));
         }
@@ -384,7 +457,76 @@ impl Keys<'_> {
             tie_word_embeddings: self.bool("tie_word_embeddings", false)?,
             bos_token_id: bos.first().copied(),
             eos_token_ids: self.token_ids("eos_token_id")?,
+            unrecognized_keys: self.unrecognized(),
         })
+    }
+
+    /// The RoPE base: transformers 5 writes `rope_parameters: {rope_type, rope_theta}` (and no
+    /// top-level `rope_theta`); older configs, the 2B-4T one among them, the top-level key.
+    fn rope_theta(&self) -> Result<f64> {
+        let top = match self.get("rope_theta") {
+            Some(_) => Some(self.f64("rope_theta", 0.0)?),
+            None => None,
+        };
+        let nested = match self.get("rope_parameters") {
+            None => None,
+            Some(Value::Object(p)) => {
+                let keys = Keys {
+                    obj: p,
+                    path: self.path,
+                    prefix: "rope_parameters.",
+                };
+                let kind = keys.str("rope_type")?.unwrap_or("default");
+                if kind != "default" {
+                    return Err(keys.err(
+                        "rope_type",
+                        format!("{kind:?}"),
+                        "only \"default\" RoPE (no scaling) is supported",
+                    ));
+                }
+                if let Some((k, v)) = p.iter().find(|(k, v)| {
+                    !v.is_null() && !matches!(k.as_str(), "rope_type" | "rope_theta")
+                }) {
+                    return Err(keys.err(
+                        k,
+                        short(v),
+                        "not supported: default RoPE takes only rope_theta",
+                    ));
+                }
+                match keys.get("rope_theta") {
+                    Some(_) => Some(keys.f64("rope_theta", 0.0)?),
+                    None => None,
+                }
+            }
+            Some(v) => return Err(self.err("rope_parameters", short(v), "expected an object")),
+        };
+        match (top, nested) {
+            (Some(a), Some(b)) if a != b => Err(self.err(
+                "rope_theta",
+                a,
+                format!("contradicts rope_parameters.rope_theta ({b}); keep one of them"),
+            )),
+            (Some(theta), _) | (None, Some(theta)) => Ok(theta),
+            (None, None) => Ok(10_000.0),
+        }
+    }
+
+    /// Keys outside [`KNOWN_KEYS`], and `quantization_config` keys outside [`KNOWN_QUANT_KEYS`].
+    fn unrecognized(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .obj
+            .keys()
+            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        if let Some(Value::Object(q)) = self.get("quantization_config") {
+            keys.extend(
+                q.keys()
+                    .filter(|k| !KNOWN_QUANT_KEYS.contains(&k.as_str()))
+                    .map(|k| format!("quantization_config.{k}")),
+            );
+        }
+        keys
     }
 
     /// True for the 1bitLLM remote-code checkpoints: `architectures: ["BitnetForCausalLM"]`
@@ -589,11 +731,71 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_ignored() {
+    fn unknown_keys_load_and_are_listed() {
+        assert_eq!(
+            Config::from_json(BITNET_2B4T)
+                .unwrap()
+                .unrecognized_keys_warning(),
+            None
+        );
         let extra = edit(BITNET_2B4T, |o| {
             o.insert("some_future_key".into(), serde_json::json!({"a": [1, 2]}));
+            o["quantization_config"]["new_option"] = 1.into();
         });
-        assert!(Config::from_json(&extra).is_ok());
+        let c = Config::from_json(&extra).unwrap();
+        assert_eq!(
+            c.unrecognized_keys,
+            ["some_future_key", "quantization_config.new_option"]
+        );
+        let warning = c.unrecognized_keys_warning().unwrap();
+        assert!(warning.contains("some_future_key, quantization_config.new_option"));
+    }
+
+    /// What transformers 5 `save_pretrained` writes instead of a top-level `rope_theta`.
+    #[test]
+    fn rope_parameters() {
+        let v5 = edit(BITNET_2B4T, |o| {
+            o.remove("rope_theta");
+            o.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_theta": 250000.0, "rope_type": "default"}),
+            );
+        });
+        assert_eq!(Config::from_json(&v5).unwrap().rope_theta, 250000.0);
+        let both = edit(&v5, |o| {
+            o.insert("rope_theta".into(), 250000.0.into());
+        });
+        assert_eq!(Config::from_json(&both).unwrap().rope_theta, 250000.0);
+
+        let cases: Vec<(String, &[&str])> = vec![
+            (
+                edit(&v5, |o| {
+                    o.insert("rope_theta".into(), 10000.0.into());
+                }),
+                &[
+                    "`rope_theta`",
+                    "contradicts rope_parameters.rope_theta (250000)",
+                ],
+            ),
+            (
+                edit(&v5, |o| o["rope_parameters"]["rope_type"] = "llama3".into()),
+                &["`rope_parameters.rope_type`", "\"llama3\""],
+            ),
+            (
+                edit(&v5, |o| o["rope_parameters"]["factor"] = 8.0.into()),
+                &["`rope_parameters.factor`", "8.0"],
+            ),
+            (
+                edit(&v5, |o| o["rope_parameters"] = 3.into()),
+                &["`rope_parameters`", "expected an object"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let e = err_of(&text);
+            for n in needles {
+                assert!(e.contains(n), "{e:?} lacks {n:?}");
+            }
+        }
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
     let mut groups: Vec<TensorGroup> = Vec::new();
     let mut bytes_by_dtype = BTreeMap::new();
     let mut parameters = 0u64;
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = config.unrecognized_keys_warning().into_iter().collect();
     for t in weights.tensors() {
         if t.name.ends_with("rotary_emb.inv_freq") {
             continue;

@@ -757,6 +757,7 @@ impl ForCausalLM {
             .collect();
         unused.sort_unstable();
         let mut warnings = l.warnings;
+        warnings.extend(config.unrecognized_keys_warning());
         if let Some(first) = l.off_mode.first() {
             let (found, did) = match config.quantization_mode {
                 QuantizationMode::Online => ("packed", "used their weight_scale"),
