@@ -34,7 +34,8 @@ pub struct RuntimeArgs {
     /// decoding on a memory-bound CPU, at a small perplexity cost) or q4 (4-bit weights with an
     /// f16 scale per 64 columns and int8 activations: about a quarter of BF16's bytes, faster
     /// still, at a small perplexity cost too). A tied embedding keeps the checkpoint's exact
-    /// rows. q8 and q4 run on the CPU only and quantize the head at load time.
+    /// rows. Both quantize the head at load time; q4 runs on the CPU and on CUDA (identical
+    /// logits), q8 on the CPU only.
     #[arg(long, default_value = "exact", value_parser = ["exact", "q8", "q4"])]
     pub head: String,
 }
@@ -132,11 +133,8 @@ pub fn load(source: &SourceArgs, runtime: &RuntimeArgs) -> Result<Loaded> {
         "q4" => HeadFormat::Q4,
         _ => HeadFormat::Exact,
     };
-    if head != HeadFormat::Exact && !device.is_cpu() {
-        bail!(
-            "--head {} runs on the CPU only; use --head exact with --device cuda",
-            runtime.head
-        );
+    if head == HeadFormat::Q8 && !device.is_cpu() {
+        bail!("--head q8 runs on the CPU only; use --head exact or q4 with --device cuda");
     }
     let model = ForCausalLM::load_with_head(&dir.dir, dtype, &device, head)
         .with_context(|| format!("loading the model from {}", dir.dir.display()))?;

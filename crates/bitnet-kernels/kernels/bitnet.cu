@@ -1,5 +1,5 @@
 // BitNet b1.58 CUDA kernels: per-token int8 activation quantization, ternary x int8 products
-// (GEMV with dp4a, GEMM with dp4a or int8 tensor-core mma), and the BF16 x f32 LM head.
+// (GEMV with dp4a, GEMM with dp4a or int8 tensor-core mma), and the BF16 x f32 and 4-bit LM heads.
 //
 // Compiled to PTX by build.rs (nvcc -arch=sm_80 -ptx; the driver JITs it for the running GPU)
 // and loaded through candle's CudaDevice::get_or_load_custom_func (src/cuda/mod.rs).
@@ -18,6 +18,7 @@
 // consecutive inputs 256b + 64k + j .. +3: exactly a dp4a operand against the activations there.
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define MASK2 0x03030303u
@@ -640,6 +641,78 @@ __device__ void dense_bf16(const __nv_bfloat16* __restrict__ w, const XT* __rest
     DENSE(5, NAME, XT) DENSE(6, NAME, XT) DENSE(7, NAME, XT) DENSE(8, NAME, XT)
 DENSE_ALL(f32, float)
 DENSE_ALL(bf16, __nv_bfloat16)
+
+// The 4-bit LM head (src/q4.rs, `--head q4`), one token per launch: y[row] = sum over 64-column
+// blocks b of s_w[row, b] * s_x[b] * (q_w . q_x), bit-identical to the CPU reference
+// (`tile_scalar`). Every block first quantizes the token into shared memory (one warp per
+// 64-column block: absmax / 127, round half to even, and each lane's -8 * sum correction for
+// the codes stored as q + 8); then each half-warp computes a row, lane l holding the CPU's lane
+// l (columns 4l..4l+3 of every block: the low nibbles of bytes 4l.. for l < 8, the high ones of
+// bytes 4(l-8).. after): exact integer sums, one f32 fused multiply-add per block, then the CPU's
+// pairwise lane order (l + 8, + 4, + 2, + 1). Rows are interleaved in groups of 4, block by block
+// (32 bytes each); scales are row-major [rows, nb] f16. The grid strides over the rows, so the
+// token is quantized once per block rather than once per row pair.
+#define Q4_COLS 64
+template <typename XT>
+__device__ void q4_gemv(const uint8_t* __restrict__ codes, const __half* __restrict__ sw,
+                        const XT* __restrict__ x, float* __restrict__ y, int rows, int cols,
+                        int nb) {
+    extern __shared__ __align__(16) unsigned char q4_smem[];
+    int8_t* q = reinterpret_cast<int8_t*>(q4_smem);                      // nb * 64
+    int* corr = reinterpret_cast<int*>(q4_smem + (size_t)nb * Q4_COLS);  // nb * 16
+    float* sx = reinterpret_cast<float*>(corr + (size_t)nb * 16);        // nb
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int b = warp; b < nb; b += warps) {
+        const int c0 = b * Q4_COLS + lane, c1 = c0 + 32;
+        const float v0 = c0 < cols ? to_f32(x[c0]) : 0.0f, v1 = c1 < cols ? to_f32(x[c1]) : 0.0f;
+        float m = fmaxf(fabsf(v0), fabsf(v1));
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const float inv = m > 0.0f ? __fdiv_rn(127.0f, m) : 0.0f;
+        auto quant = [inv](float v) {
+            const float p = __fmul_rn(v, inv);
+            return isnan(p) ? 0 : (int)rintf(fminf(fmaxf(p, -127.0f), 127.0f));
+        };
+        q[c0] = (int8_t)quant(v0);
+        q[c1] = (int8_t)quant(v1);
+        if (lane == 0) sx[b] = m > 0.0f ? __fdiv_rn(m, 127.0f) : 0.0f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nb * 16; i += blockDim.x) {
+        const char4 c = reinterpret_cast<const char4*>(q)[i];
+        corr[i] = -8 * (c.x + c.y + c.z + c.w);
+    }
+    __syncthreads();
+    const int l = lane & 15;
+    const int step = gridDim.x * warps * 2;
+    for (int row = (blockIdx.x * warps + warp) * 2 + (lane >> 4); row < rows; row += step) {
+        const uint8_t* wb = codes + ((size_t)(row >> 2) * nb * 4 + (row & 3)) * 32 + 4 * (l & 7);
+        const __half* sr = sw + (size_t)row * nb;
+        const int shift = l < 8 ? 0 : 4;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int b = 0; b < nb; ++b) {
+            const uint32_t word = __ldg(reinterpret_cast<const unsigned int*>(wb + (size_t)b * 128));
+            const int c = (int)((word >> shift) & 0x0F0F0F0Fu);
+            const int xq = reinterpret_cast<const int*>(q)[b * 16 + l];
+            const int isum = __dp4a(c, xq, corr[b * 16 + l]);
+            acc = __fmaf_rn((float)isum, __fmul_rn(__half2float(sr[b]), sx[b]), acc);
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 8);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        if (l == 0) y[row] = acc;
+    }
+}
+
+#define Q4_GEMV(NAME, XT)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) bitnet_q4_gemv_##NAME(                      \
+        const uint8_t* codes, const __half* sw, const XT* x, float* y, int rows, int cols,        \
+        int nb) {                                                                                 \
+        q4_gemv<XT>(codes, sw, x, y, rows, cols, nb);                                             \
+    }
+Q4_GEMV(f32, float)
+Q4_GEMV(bf16, __nv_bfloat16)
 
 // ---------------------------------------------------------------------------------------------
 // (f) RMSNorm, one block per token (src/norm.rs): h = x * (1 / sqrt(mean(x^2) + eps)) in f32,

@@ -211,10 +211,24 @@ pub trait HeadMatrix: std::fmt::Debug + Send + Sync + 'static {
     fn cols(&self) -> usize;
     /// `out[r · tokens + t] ≈ Σ_k W[r,k] · x[t,k]` (`x` is `tokens × cols`).
     fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]);
+
+    /// The op on a CUDA device: `[..., cols]` → `[..., rows]` f32. By default the format has no
+    /// GPU kernel and this fails.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _storage: &candle_core::CudaStorage,
+        _layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Err(candle_core::Error::Msg(format!(
+            "{}: this head format runs on the CPU only",
+            Self::OP_NAME
+        )))
+    }
 }
 
-/// `y ≈ x · Wᵀ` for a [`HeadMatrix`] `W` (CPU only): input `[..., cols]` f32 or bf16, output
-/// `[..., rows]` f32. [`crate::I8LinearOp`] and [`crate::Q4LinearOp`] are this op.
+/// `y ≈ x · Wᵀ` for a [`HeadMatrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]`
+/// f32. [`crate::I8LinearOp`] (CPU only) and [`crate::Q4LinearOp`] (CPU and CUDA) are this op.
 #[derive(Debug)]
 pub struct HeadLinearOp<M> {
     weight: Arc<M>,
@@ -254,6 +268,15 @@ impl<M: HeadMatrix> CustomOp1 for HeadLinearOp<M> {
         float_head_cpu_fwd(M::OP_NAME, w.rows(), w.cols(), storage, layout, |x, out| {
             w.matmul(Isa::detect(), x, out)
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.weight.cuda_fwd(storage, layout)
     }
 }
 

@@ -34,7 +34,9 @@
 //! to f32 and accumulated with one fused multiply-add by the block's combined scale, block after
 //! block; the 16 lanes are then summed in a fixed pairwise order. The scalar reference does the
 //! same operations in the same order, so every instruction set gives bit-identical results
-//! (tested). NEON uses the scalar path (correct, not tuned).
+//! (tested). NEON uses the scalar path (correct, not tuned). The CUDA kernel
+//! (`bitnet_q4_gemv_*` in kernels/bitnet.cu, feature `cuda`) follows the same order too and
+//! matches bit for bit (tests/cuda.rs).
 //!
 //! **Cost** (2B-4T head, one token, AMD EPYC with AVX-512 VNNI, 2026-11-27): 4.7 ms on two
 //! threads (37 GB/s of weights, at the DRAM stream rate), 7.4 ms on one; in L2 one core computes
@@ -42,6 +44,9 @@
 //! Quantizing it at load takes ~0.6 s on two threads. Accuracy: see `--head` in
 //! docs/BENCHMARKS.md; on small random models most of the perplexity change comes from a tied
 //! embedding quantized along with the head, not from the head itself.
+
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -81,6 +86,9 @@ pub struct Q4Matrix {
     codes: Vec<u8>,
     /// `groups × GROUP × nb` (+ [`SCALE_PAD`]): scale `b` of row `i` at `i·nb + b`.
     scales: Vec<f16>,
+    /// GPU copies of `codes` and `scales`, uploaded on first use (shared by clones).
+    #[cfg(feature = "cuda")]
+    gpu: Arc<(crate::cuda::DeviceCache<u8>, crate::cuda::DeviceCache<f16>)>,
 }
 
 impl std::fmt::Debug for Q4Matrix {
@@ -136,6 +144,8 @@ impl Q4Matrix {
             nb,
             codes,
             scales,
+            #[cfg(feature = "cuda")]
+            gpu: Arc::default(),
         })
     }
 
@@ -610,8 +620,8 @@ mod x86 {
     }
 }
 
-/// `y ≈ x · Wᵀ` for a [`Q4Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32
-/// (CPU only).
+/// `y ≈ x · Wᵀ` for a [`Q4Matrix`] `W`: input `[..., cols]` f32 or bf16, output `[..., rows]` f32,
+/// on the CPU or (feature `cuda`) a CUDA device, with bit-identical results.
 pub type Q4LinearOp = HeadLinearOp<Q4Matrix>;
 
 impl HeadMatrix for Q4Matrix {
@@ -627,5 +637,29 @@ impl HeadMatrix for Q4Matrix {
 
     fn matmul(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
         Q4Matrix::matmul(self, isa, x, out)
+    }
+
+    /// The same products on the GPU, bit-identical (`bitnet_q4_gemv_*` in kernels/bitnet.cu).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = storage.device();
+        let codes = self.gpu.0.get_or_upload(dev, &self.codes, ZERO_BYTE)?;
+        let scales = self.gpu.1.get_or_upload(dev, &self.scales, f16::ZERO)?;
+        crate::cuda::q4_linear_fwd(
+            crate::cuda::Q4Buffers {
+                codes: &codes,
+                scales: &scales,
+                rows: self.rows,
+                cols: self.cols,
+                nb: self.nb,
+            },
+            storage,
+            layout,
+        )
     }
 }

@@ -3,7 +3,8 @@
 //! BitLinear: both paths compute the same exact integer sums and the same f32 epilogue, so the
 //! outputs must be equal bit for bit (checked on every kernel, f32 and bf16, both scale
 //! conventions, ragged shapes, 1..=20 and 128 tokens). The BF16 head differs only in f32
-//! summation order: within 1e-5 of Σ|w·x| per element.
+//! summation order: within 1e-5 of Σ|w·x| per element. The 4-bit head follows the CPU's order
+//! exactly and must be equal bit for bit.
 #![cfg(feature = "cuda")]
 
 use std::sync::{Arc, OnceLock};
@@ -11,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 use bitnet_kernels::cuda::{self, Kernel};
 use bitnet_kernels::quant::QuantizedActivations;
 use bitnet_kernels::{
-    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, RmsNormOp, ScaleConvention, TernaryWeight,
+    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, Q4LinearOp, Q4Matrix, RmsNormOp,
+    ScaleConvention, TernaryWeight,
 };
 use candle_core::{DType, Device, IndexOp, Tensor};
 use half::bf16;
@@ -341,6 +343,50 @@ fn bf16_head_matches_cpu() {
     }
 }
 
+#[test]
+fn q4_head_matches_cpu_bit_exact() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(9);
+    // Ragged rows (groups of 4) and columns (blocks of 64), an all-zero weight block, and the
+    // 2B-4T hidden size with more rows than the grid covers in one stride.
+    for &(rows, cols) in &[
+        (1, 1),
+        (37, 255),
+        (130, 256),
+        (513, 2560),
+        (64, 1001),
+        (70_001, 2560),
+    ] {
+        let mut data: Vec<bf16> = (0..rows * cols)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
+        data[..cols.min(64)].fill(bf16::ZERO);
+        let op = Q4LinearOp::new(Arc::new(Q4Matrix::quantize(&data, rows, cols).unwrap()));
+        for tokens in [1, 2, 5, 9] {
+            let x = random_acts(&mut rng, tokens, cols);
+            for dtype in [DType::F32, DType::BF16] {
+                let xc = Tensor::from_slice(&x, (tokens, cols), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let expected = host_f32(&op.forward(&xc).unwrap());
+                let y = op.forward(&xc.to_device(dev).unwrap()).unwrap();
+                assert_eq!(y.dims(), &[tokens, rows]);
+                assert_eq!(y.dtype(), DType::F32);
+                let got = host_f32(&y);
+                let bad = (0..got.len()).find(|&i| ulps(got[i], expected[i]) != 0);
+                if let Some(i) = bad {
+                    panic!(
+                        "rows={rows} cols={cols} tokens={tokens} {dtype:?}: element {i} is {} on \
+                         the GPU, {} on the CPU",
+                        got[i], expected[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Small shapes through every kernel, for `compute-sanitizer` (memcheck / racecheck) runs.
 /// RMSNorm on the GPU against the CPU op: f32 sums of squares in another order, so within
 /// 1e-5 relative (f32), or up to two bf16 steps (bf16: the normalized value and the product
@@ -411,9 +457,11 @@ fn sanitizer_smoke() {
     let data: Vec<bf16> = (0..out * inp)
         .map(|i| bf16::from_f32(i as f32 * 1e-3))
         .collect();
+    let q4 = Q4LinearOp::new(Arc::new(Q4Matrix::quantize(&data, out, inp).unwrap()));
     let head = Bf16LinearOp::new(Arc::new(Bf16Matrix::new(data, out, inp).unwrap()));
     let x = Tensor::ones((9, inp), DType::F32, dev).unwrap();
     assert_eq!(head.forward(&x).unwrap().dims(), &[9, out]);
+    assert_eq!(q4.forward(&x).unwrap().dims(), &[9, out]);
 }
 
 /// RoPE tables `[n, hd/2]` as transformers builds them (θ = 10000).

@@ -12,7 +12,8 @@
 //!
 //! [`HeadFormat::Q8`] and [`HeadFormat::Q4`] quantize the head at load time to the kernel
 //! crate's [`I8Matrix`] / [`Q4Matrix`], trading a little accuracy for fewer bytes read per
-//! generated token; both run on the CPU only, through their own ops for any number of rows. A
+//! generated token, through their own ops for any number of rows: Q8 on the CPU only, Q4 also
+//! on CUDA (the kernel crate uploads it on first use; the same logits as on the CPU). A
 //! tied embedding then reads the checkpoint's exact rows from the memory map (when the
 //! checkpoint holds the table as a float matrix; otherwise it dequantizes the rows it gathers).
 
@@ -73,7 +74,8 @@ pub(crate) enum Table {
     F32(Tensor),
     /// Int8 rows with per-row scales on the CPU ([`HeadFormat::Q8`]).
     Q8(Arc<I8Matrix>),
-    /// 4-bit rows with f16 block scales on the CPU ([`HeadFormat::Q4`]).
+    /// 4-bit rows with f16 block scales ([`HeadFormat::Q4`]), held on the CPU and copied to a
+    /// GPU on first use there.
     Q4(Arc<Q4Matrix>),
 }
 

@@ -91,7 +91,12 @@ impl<T> std::fmt::Debug for DeviceCache<T> {
 
 impl<T: DeviceRepr + Copy + 'static> DeviceCache<T> {
     /// The copy of `host` on `dev`, uploading it (padded to at least one element) if needed.
-    fn get_or_upload(&self, dev: &CudaDevice, host: &[T], pad: T) -> Result<Arc<CudaSlice<T>>> {
+    pub(crate) fn get_or_upload(
+        &self,
+        dev: &CudaDevice,
+        host: &[T],
+        pad: T,
+    ) -> Result<Arc<CudaSlice<T>>> {
         let mut slots = self
             .slots
             .lock()
@@ -876,6 +881,71 @@ pub(crate) fn bf16_linear_fwd(
                     b.arg(wbuf).arg(&x).arg(&mut yv).arg(&ri).arg(&ci).arg(&vec);
                     // SAFETY: argument types and sizes match the kernel's signature.
                     unsafe { b.launch(cfg((rows.div_ceil(4), 1), 128)) }.w()?;
+                }};
+            }
+            match &storage.slice {
+                CudaStorageSlice::F32(x) => run!(x, "f32"),
+                CudaStorageSlice::BF16(x) => run!(x, "bf16"),
+                _ => {
+                    return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
+                }
+            }
+        }
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from(dims),
+    ))
+}
+
+/// The weights of a 4-bit head on the device (`crate::Q4Matrix`'s buffers, uploaded as-is).
+pub(crate) struct Q4Buffers<'a> {
+    pub codes: &'a CudaSlice<u8>,
+    pub scales: &'a CudaSlice<half::f16>,
+    pub rows: usize,
+    pub cols: usize,
+    /// 64-column blocks per row.
+    pub nb: usize,
+}
+
+/// Blocks of `bitnet_q4_gemv_*`: enough to fill the GPU; each strides over rows in pairs per
+/// warp, quantizing the token once.
+const Q4_MAX_BLOCKS: usize = 1024;
+
+/// `Q4LinearOp::cuda_fwd`: `bitnet_q4_gemv_*` once per token, `[..., cols]` f32 or bf16 →
+/// `[..., rows]` f32, bit-identical to the CPU op.
+pub(crate) fn q4_linear_fwd(
+    w: Q4Buffers<'_>,
+    storage: &CudaStorage,
+    layout: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (dims, tokens) = linear_dims(layout, w.cols, w.rows)?;
+    let (start, _) = contiguous(layout, "q4-linear")?;
+    let dev = storage.device();
+    // SAFETY: the kernel writes every `[tokens, rows]` element.
+    let mut y = unsafe { dev.alloc::<f32>((tokens * w.rows).max(1))? };
+    if tokens > 0 && w.rows > 0 && w.nb > 0 {
+        let (ri, ci, nbi) = (i32_arg(w.rows)?, i32_arg(w.cols)?, i32_arg(w.nb)?);
+        let threads = ROW_THREADS;
+        let blocks = w.rows.div_ceil(threads / 16).min(Q4_MAX_BLOCKS);
+        // q (64 B), lane corrections (16 × i32) and the scale (f32) of every block.
+        let shared = u32::try_from(w.nb * (64 + 64 + 4))
+            .map_err(|_| candle_core::Error::Msg("q4-linear: row too long".into()))?;
+        for t in 0..tokens {
+            let mut yv = y.slice_mut(t * w.rows..);
+            macro_rules! run {
+                ($x:expr, $name:literal) => {{
+                    let x = $x.slice(start + t * w.cols..);
+                    let f = func(dev, concat!("bitnet_q4_gemv_", $name))?;
+                    let stream = dev.cuda_stream();
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(w.codes).arg(w.scales).arg(&x).arg(&mut yv);
+                    b.arg(&ri).arg(&ci).arg(&nbi);
+                    let mut c = cfg((blocks, 1), threads);
+                    c.shared_mem_bytes = shared;
+                    // SAFETY: argument types and sizes match the kernel's signature; the
+                    // buffers hold `Q4Matrix`'s padded layout (groups of 4 rows, nb blocks).
+                    unsafe { b.launch(c) }.w()?;
                 }};
             }
             match &storage.slice {
