@@ -846,6 +846,18 @@ pub fn bitlinear_with(op: &BitLinearOp, x: &Tensor, kernel: Kernel) -> Result<Te
     x.contiguous()?.apply_op1_no_bwd(&WithKernel { op, kernel })
 }
 
+/// Expands `$launch!(x, suffix)` for the f32 or bf16 input slice of `$storage` (`suffix` names
+/// the kernel variant); any other dtype returns an error. The LM-head launchers take either.
+macro_rules! float_input {
+    ($storage:expr, $launch:ident) => {
+        match &$storage.slice {
+            CudaStorageSlice::F32(x) => $launch!(x, "f32"),
+            CudaStorageSlice::BF16(x) => $launch!(x, "bf16"),
+            _ => return Err(KernelError::UnsupportedDType($storage.dtype().as_str()).into()),
+        }
+    };
+}
+
 /// `Bf16LinearOp::cuda_fwd`: `y = x · Wᵀ` with BF16 `W` (`[rows, cols]`, uploaded once into
 /// `cache`), f32 or bf16 `x`, f32 accumulation and output. One warp per row; each launch
 /// handles up to [`GEMV_MAX_TOKENS`] tokens, so `t` tokens read the weight `⌈t/8⌉` times.
@@ -883,13 +895,7 @@ pub(crate) fn bf16_linear_fwd(
                     unsafe { b.launch(cfg((rows.div_ceil(4), 1), 128)) }.w()?;
                 }};
             }
-            match &storage.slice {
-                CudaStorageSlice::F32(x) => run!(x, "f32"),
-                CudaStorageSlice::BF16(x) => run!(x, "bf16"),
-                _ => {
-                    return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
-                }
-            }
+            float_input!(storage, run);
         }
     }
     Ok((
@@ -948,13 +954,7 @@ pub(crate) fn q4_linear_fwd(
                     unsafe { b.launch(c) }.w()?;
                 }};
             }
-            match &storage.slice {
-                CudaStorageSlice::F32(x) => run!(x, "f32"),
-                CudaStorageSlice::BF16(x) => run!(x, "bf16"),
-                _ => {
-                    return Err(KernelError::UnsupportedDType(storage.dtype().as_str()).into());
-                }
-            }
+            float_input!(storage, run);
         }
     }
     Ok((
