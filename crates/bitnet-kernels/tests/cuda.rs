@@ -282,21 +282,31 @@ fn bitlinear_handles_offsets_batches_and_reuse() {
         .is_err());
 }
 
-#[test]
-fn bf16_head_matches_cpu() {
-    let dev = gpu();
-    let mut rng = StdRng::seed_from_u64(5);
-    for &(rows, cols) in &[
+/// LM-head shapes: ragged rows and columns, then one large `(rows, cols)`.
+fn head_shapes(rows: usize, cols: usize) -> [(usize, usize); 6] {
+    [
         (1, 1),
         (37, 255),
         (130, 256),
         (513, 2560),
         (64, 1001),
-        (1000, 6912),
-    ] {
-        let data: Vec<bf16> = (0..rows * cols)
-            .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
+        (rows, cols),
+    ]
+}
+
+/// `n` BF16 values uniform in [-1, 1).
+fn random_bf16(rng: &mut StdRng, n: usize) -> Vec<bf16> {
+    (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+        .collect()
+}
+
+#[test]
+fn bf16_head_matches_cpu() {
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(5);
+    for (rows, cols) in head_shapes(1000, 6912) {
+        let data = random_bf16(&mut rng, rows * cols);
         let wf: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
         let op = Bf16LinearOp::new(Arc::new(Bf16Matrix::new(data, rows, cols).unwrap()));
         for tokens in token_counts() {
@@ -349,17 +359,8 @@ fn q4_head_matches_cpu_bit_exact() {
     let mut rng = StdRng::seed_from_u64(9);
     // Ragged rows (groups of 4) and columns (blocks of 64), an all-zero weight block, and the
     // 2B-4T hidden size with more rows than the grid covers in one stride.
-    for &(rows, cols) in &[
-        (1, 1),
-        (37, 255),
-        (130, 256),
-        (513, 2560),
-        (64, 1001),
-        (70_001, 2560),
-    ] {
-        let mut data: Vec<bf16> = (0..rows * cols)
-            .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
+    for (rows, cols) in head_shapes(70_001, 2560) {
+        let mut data = random_bf16(&mut rng, rows * cols);
         data[..cols.min(64)].fill(bf16::ZERO);
         let op = Q4LinearOp::new(Arc::new(Q4Matrix::quantize(&data, rows, cols).unwrap()));
         for tokens in [1, 2, 5, 9] {
