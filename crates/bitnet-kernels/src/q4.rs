@@ -349,7 +349,9 @@ struct Acts {
     nb: usize,
     /// `tokens × nb × 64` int8 values.
     q: Vec<i8>,
-    /// `tokens × nb × 16`: `−8 · Σ` of each lane's four values.
+    /// `tokens × nb × 16`: `−8 · Σ` of each lane's four values (for the SIMD kernels, which
+    /// multiply the unsigned codes `q + 8`; the scalar reference uses the signed codes).
+    #[cfg(target_arch = "x86_64")]
     corr: Vec<i32>,
     /// `tokens × nb` (+ [`SCALE_PAD`]) dequantization scales `absmax / 127`.
     scales: Vec<f32>,
@@ -358,6 +360,7 @@ struct Acts {
 impl Acts {
     fn quantize(x: &[f32], tokens: usize, cols: usize, nb: usize) -> Self {
         let mut q = vec![0i8; tokens * nb * Q4_BLOCK];
+        #[cfg(target_arch = "x86_64")]
         let mut corr = vec![0i32; tokens * nb * LANES];
         let mut scales = vec![0f32; tokens * nb + SCALE_PAD];
         for t in 0..tokens {
@@ -375,6 +378,7 @@ impl Acts {
                 for (qi, &v) in qb.iter_mut().zip(chunk) {
                     *qi = round_ties_even_small((v * inv).clamp(-127.0, 127.0)) as i8;
                 }
+                #[cfg(target_arch = "x86_64")]
                 for (c, lane) in corr[i * LANES..(i + 1) * LANES]
                     .iter_mut()
                     .zip(qb.chunks_exact(4))
@@ -386,6 +390,7 @@ impl Acts {
         Self {
             nb,
             q,
+            #[cfg(target_arch = "x86_64")]
             corr,
             scales,
         }

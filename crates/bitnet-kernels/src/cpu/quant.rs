@@ -34,16 +34,16 @@ pub fn quantize_activations(isa: Isa, x: &[f32], q: &mut [i8]) -> (f32, i32) {
     }
 }
 
-/// `127 / max(absmax, 1e-5)`, the scale of [`crate::quant::quantize_row`].
-fn scale(absmax: f32) -> f32 {
-    127.0 / absmax.max(1e-5)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{quantize_scalar, scale};
+    use super::quantize_scalar;
+
+    /// `127 / max(absmax, 1e-5)`, the scale of [`crate::quant::quantize_row`].
+    fn scale(absmax: f32) -> f32 {
+        127.0 / absmax.max(1e-5)
+    }
 
     /// The scalar path for the last `x.len() % width` values, given the row's scale.
     fn tail(x: &[f32], q: &mut [i8], s: f32) -> i32 {
