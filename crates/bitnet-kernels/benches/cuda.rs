@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use bitnet_kernels::cuda::{self, Kernel};
 use bitnet_kernels::{
-    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, ScaleConvention, TernaryWeight,
+    Bf16LinearOp, Bf16Matrix, BitLinearOp, LinearInput, Q4LinearOp, Q4Matrix, ScaleConvention,
+    TernaryWeight, Q4_BLOCK,
 };
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::CudaStream;
@@ -229,6 +230,10 @@ fn main() -> Result<()> {
             bf16::from_f32((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
         })
         .collect();
+    let q4 = Q4LinearOp::new(Arc::new(
+        Q4Matrix::quantize(&data, vocab, hidden).expect("shape"),
+    ));
+    let q4_bytes = vocab * hidden / 2 + vocab * hidden.div_ceil(Q4_BLOCK) * 2;
     let head = Bf16LinearOp::new(Arc::new(
         Bf16Matrix::new(data, vocab, hidden).expect("shape"),
     ));
@@ -246,6 +251,18 @@ fn main() -> Result<()> {
             weight_bytes: bytes * batch.div_ceil(cuda::GEMV_MAX_TOKENS),
             macs: batch * vocab * hidden,
         });
+        if batch <= 8 {
+            // One launch per token: the 4-bit head is a decode-only format.
+            let us = time_us(&stream, 2, |_| q4.forward(&x).map(drop))?;
+            rows.push(Row {
+                shape: shape.clone(),
+                batch,
+                what: "Q4LinearOp (`--head q4`), f32 x".into(),
+                us,
+                weight_bytes: q4_bytes * batch,
+                macs: batch * vocab * hidden,
+            });
+        }
         let xb = x.to_dtype(DType::BF16)?;
         let us = time_us(&stream, 2, |_| xb.matmul(&head_dense.t()?).map(drop))?;
         rows.push(Row {

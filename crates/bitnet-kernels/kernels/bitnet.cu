@@ -646,12 +646,14 @@ DENSE_ALL(bf16, __nv_bfloat16)
 // blocks b of s_w[row, b] * s_x[b] * (q_w . q_x), bit-identical to the CPU reference
 // (`tile_scalar`). Every block first quantizes the token into shared memory (one warp per
 // 64-column block: absmax / 127, round half to even, and each lane's -8 * sum correction for
-// the codes stored as q + 8); then each half-warp computes a row, lane l holding the CPU's lane
-// l (columns 4l..4l+3 of every block: the low nibbles of bytes 4l.. for l < 8, the high ones of
-// bytes 4(l-8).. after): exact integer sums, one f32 fused multiply-add per block, then the CPU's
-// pairwise lane order (l + 8, + 4, + 2, + 1). Rows are interleaved in groups of 4, block by block
-// (32 bytes each); scales are row-major [rows, nb] f16. The grid strides over the rows, so the
-// token is quantized once per block rather than once per row pair.
+// the codes stored as q + 8); then four threads compute a row. The CPU keeps 16 lanes per row,
+// lane l over columns 4l..4l+3 of every block (the low nibbles of bytes 4l.. for l < 8, the high
+// ones of bytes 4(l-8).. after); thread j loads bytes 8j..8j+7 of each block (one 8-byte load)
+// and carries lanes 2j, 2j+1, 2j+8 and 2j+9: exact integer sums, one f32 fused multiply-add per
+// block each, then the CPU's pairwise lane order (l + 8 in the thread, + 4 and + 2 across the
+// four threads, + 1 in the thread). Rows are interleaved in groups of 4, block by block (32
+// bytes each); scales are row-major [rows, nb] f16. The grid strides over the rows, so the token
+// is quantized once per block rather than once per row.
 #define Q4_COLS 64
 template <typename XT>
 __device__ void q4_gemv(const uint8_t* __restrict__ codes, const __half* __restrict__ sw,
@@ -682,26 +684,36 @@ __device__ void q4_gemv(const uint8_t* __restrict__ codes, const __half* __restr
         corr[i] = -8 * (c.x + c.y + c.z + c.w);
     }
     __syncthreads();
-    const int l = lane & 15;
-    const int step = gridDim.x * warps * 2;
-    for (int row = (blockIdx.x * warps + warp) * 2 + (lane >> 4); row < rows; row += step) {
-        const uint8_t* wb = codes + ((size_t)(row >> 2) * nb * 4 + (row & 3)) * 32 + 4 * (l & 7);
-        const __half* sr = sw + (size_t)row * nb;
-        const int shift = l < 8 ? 0 : 4;
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int b = 0; b < nb; ++b) {
-            const uint32_t word = __ldg(reinterpret_cast<const unsigned int*>(wb + (size_t)b * 128));
-            const int c = (int)((word >> shift) & 0x0F0F0F0Fu);
-            const int xq = reinterpret_cast<const int*>(q)[b * 16 + l];
-            const int isum = __dp4a(c, xq, corr[b * 16 + l]);
-            acc = __fmaf_rn((float)isum, __fmul_rn(__half2float(sr[b]), sx[b]), acc);
+    const int j = lane & 3;
+    const unsigned int nibbles = 0x0F0F0F0Fu;
+    const int step = gridDim.x * warps * 8;
+    // The loop bound is uniform across the warp, so every lane reaches the shuffles.
+    for (int base = (blockIdx.x * warps + warp) * 8; base < rows; base += step) {
+        const int row = base + (lane >> 2);
+        float a0 = 0.0f, a1 = 0.0f, a8 = 0.0f, a9 = 0.0f;  // lanes 2j, 2j+1, 2j+8, 2j+9
+        if (row < rows) {
+            const uint8_t* wb = codes + ((size_t)(row >> 2) * nb * 4 + (row & 3)) * 32 + 8 * j;
+            const __half* sr = sw + (size_t)row * nb;
+#pragma unroll 4
+            for (int b = 0; b < nb; ++b) {
+                const uint2 w = __ldg(reinterpret_cast<const uint2*>(wb + (size_t)b * 128));
+                const int2 xlo = reinterpret_cast<const int2*>(q + b * Q4_COLS)[j];
+                const int2 xhi = reinterpret_cast<const int2*>(q + b * Q4_COLS + 32)[j];
+                const int2 clo = reinterpret_cast<const int2*>(corr + b * 16)[j];
+                const int2 chi = reinterpret_cast<const int2*>(corr + b * 16 + 8)[j];
+                const float s = __fmul_rn(__half2float(sr[b]), sx[b]);
+                a0 = __fmaf_rn((float)__dp4a((int)(w.x & nibbles), xlo.x, clo.x), s, a0);
+                a1 = __fmaf_rn((float)__dp4a((int)(w.y & nibbles), xlo.y, clo.y), s, a1);
+                a8 = __fmaf_rn((float)__dp4a((int)((w.x >> 4) & nibbles), xhi.x, chi.x), s, a8);
+                a9 = __fmaf_rn((float)__dp4a((int)((w.y >> 4) & nibbles), xhi.y, chi.y), s, a9);
+            }
         }
-        acc += __shfl_xor_sync(0xffffffffu, acc, 8);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 4);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-        if (l == 0) y[row] = acc;
+        float p0 = a0 + a8, p1 = a1 + a9;  // lanes 2j, 2j+1 after the + 8 step
+        p0 += __shfl_xor_sync(0xffffffffu, p0, 2);
+        p1 += __shfl_xor_sync(0xffffffffu, p1, 2);
+        p0 += __shfl_xor_sync(0xffffffffu, p0, 1);
+        p1 += __shfl_xor_sync(0xffffffffu, p1, 1);
+        if (row < rows && j == 0) y[row] = p0 + p1;
     }
 }
 

@@ -914,8 +914,8 @@ pub(crate) struct Q4Buffers<'a> {
     pub nb: usize,
 }
 
-/// Blocks of `bitnet_q4_gemv_*`: enough to fill the GPU; each strides over rows in pairs per
-/// warp, quantizing the token once.
+/// Blocks of `bitnet_q4_gemv_*`: enough to fill the GPU; each strides over rows, eight per warp,
+/// quantizing the token once.
 const Q4_MAX_BLOCKS: usize = 1024;
 
 /// `Q4LinearOp::cuda_fwd`: `bitnet_q4_gemv_*` once per token, `[..., cols]` f32 or bf16 →
@@ -933,7 +933,7 @@ pub(crate) fn q4_linear_fwd(
     if tokens > 0 && w.rows > 0 && w.nb > 0 {
         let (ri, ci, nbi) = (i32_arg(w.rows)?, i32_arg(w.cols)?, i32_arg(w.nb)?);
         let threads = ROW_THREADS;
-        let blocks = w.rows.div_ceil(threads / 16).min(Q4_MAX_BLOCKS);
+        let blocks = w.rows.div_ceil(threads / 4).min(Q4_MAX_BLOCKS);
         // q (64 B), lane corrections (16 × i32) and the scale (f32) of every block.
         let shared = u32::try_from(w.nb * (64 + 64 + 4))
             .map_err(|_| candle_core::Error::Msg("q4-linear: row too long".into()))?;
