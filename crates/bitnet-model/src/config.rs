@@ -101,8 +101,8 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token(s); `eos_token_id` may be a number or a list.
     pub eos_token_ids: Vec<u32>,
-    /// Keys of the file (nested ones as `quantization_config.key`) that this crate neither reads
-    /// nor knows to be irrelevant to inference, sorted.
+    /// Keys of the file that this crate neither reads nor knows to be irrelevant to inference:
+    /// top-level ones sorted, then `quantization_config.key` ones sorted.
     pub unrecognized_keys: Vec<String>,
 }
 
@@ -256,14 +256,19 @@ impl Keys<'_> {
         }
     }
 
-    fn f64(&self, key: &str, default: f64) -> Result<f64> {
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
-            None => Ok(default),
+            None => Ok(None),
             Some(v) => v
                 .as_f64()
                 .filter(|x| x.is_finite())
+                .map(Some)
                 .ok_or_else(|| self.err(key, short(v), "expected a finite number")),
         }
+    }
+
+    fn f64(&self, key: &str, default: f64) -> Result<f64> {
+        Ok(self.f64_opt(key)?.unwrap_or(default))
     }
 
     fn bool(&self, key: &str, default: bool) -> Result<bool> {
@@ -464,10 +469,7 @@ impl Keys<'_> {
     /// The RoPE base: transformers 5 writes `rope_parameters: {rope_type, rope_theta}` (and no
     /// top-level `rope_theta`); older configs, the 2B-4T one among them, the top-level key.
     fn rope_theta(&self) -> Result<f64> {
-        let top = match self.get("rope_theta") {
-            Some(_) => Some(self.f64("rope_theta", 0.0)?),
-            None => None,
-        };
+        let top = self.f64_opt("rope_theta")?;
         let nested = match self.get("rope_parameters") {
             None => None,
             Some(Value::Object(p)) => {
@@ -493,10 +495,7 @@ impl Keys<'_> {
                         "not supported: default RoPE takes only rope_theta",
                     ));
                 }
-                match keys.get("rope_theta") {
-                    Some(_) => Some(keys.f64("rope_theta", 0.0)?),
-                    None => None,
-                }
+                keys.f64_opt("rope_theta")?
             }
             Some(v) => return Err(self.err("rope_parameters", short(v), "expected an object")),
         };
