@@ -917,6 +917,8 @@ pub(crate) struct Q4Buffers<'a> {
 /// Blocks of `bitnet_q4_gemv_*`: enough to fill the GPU; each strides over rows, eight per warp,
 /// quantizing the token once.
 const Q4_MAX_BLOCKS: usize = 1024;
+/// Threads per block of `bitnet_q4_gemv_*` (its `__launch_bounds__`): 8 warps of 8 rows each.
+const Q4_THREADS: usize = 256;
 
 /// `Q4LinearOp::cuda_fwd`: `bitnet_q4_gemv_*` once per token, `[..., cols]` f32 or bf16 →
 /// `[..., rows]` f32, bit-identical to the CPU op.
@@ -932,8 +934,7 @@ pub(crate) fn q4_linear_fwd(
     let mut y = unsafe { dev.alloc::<f32>((tokens * w.rows).max(1))? };
     if tokens > 0 && w.rows > 0 && w.nb > 0 {
         let (ri, ci, nbi) = (i32_arg(w.rows)?, i32_arg(w.cols)?, i32_arg(w.nb)?);
-        let threads = ROW_THREADS;
-        let blocks = w.rows.div_ceil(threads / 4).min(Q4_MAX_BLOCKS);
+        let blocks = w.rows.div_ceil(Q4_THREADS / 4).min(Q4_MAX_BLOCKS);
         // q (64 B), lane corrections (16 × i32) and the scale (f32) of every block.
         let shared = u32::try_from(w.nb * (64 + 64 + 4))
             .map_err(|_| candle_core::Error::Msg("q4-linear: row too long".into()))?;
@@ -947,7 +948,7 @@ pub(crate) fn q4_linear_fwd(
                     let mut b = stream.launch_builder(&f);
                     b.arg(w.codes).arg(w.scales).arg(&x).arg(&mut yv);
                     b.arg(&ri).arg(&ci).arg(&nbi);
-                    let mut c = cfg((blocks, 1), threads);
+                    let mut c = cfg((blocks, 1), Q4_THREADS);
                     c.shared_mem_bytes = shared;
                     // SAFETY: argument types and sizes match the kernel's signature; the
                     // buffers hold `Q4Matrix`'s padded layout (groups of 4 rows, nb blocks).
