@@ -23,7 +23,7 @@ use crate::util;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// System message that starts the conversation (kept across /reset).
-    #[arg(long, value_name = "TEXT")]
+    #[arg(long, value_name = "TEXT", value_parser = crate::util::text_arg())]
     pub system: Option<String>,
 
     /// Most tokens per reply (fewer if the end-of-turn token or the context end comes first).

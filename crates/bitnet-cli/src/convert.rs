@@ -27,7 +27,7 @@ pub struct Args {
     pub check: bool,
 
     /// Largest output shard, e.g. 2GB, 500MB, 1GiB.
-    #[arg(long, default_value = "2GB", value_name = "SIZE")]
+    #[arg(long, default_value = "2GB", value_name = "SIZE", value_parser = crate::util::text_arg())]
     pub shard_size: String,
 
     /// Skip re-reading and comparing the output, and loading it with the model code.

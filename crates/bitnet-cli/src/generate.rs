@@ -18,7 +18,7 @@ use crate::util;
 pub struct Args {
     /// The prompt; `-` reads it from standard input (UTF-8). Raw mode encodes it as
     /// transformers' `tokenizer(prompt)` does (with BOS).
-    #[arg(long, short = 'p', value_name = "TEXT")]
+    #[arg(long, short = 'p', value_name = "TEXT", value_parser = util::text_arg())]
     pub prompt: String,
 
     /// Wrap the prompt in the model's chat template (a user message, plus --system) and
@@ -27,7 +27,7 @@ pub struct Args {
     pub chat: bool,
 
     /// System message for --chat.
-    #[arg(long, requires = "chat", value_name = "TEXT")]
+    #[arg(long, requires = "chat", value_name = "TEXT", value_parser = util::text_arg())]
     pub system: Option<String>,
 
     /// Most tokens to generate (fewer if a stop token, a --stop string or the context end comes

@@ -48,7 +48,7 @@ pub struct SamplingArgs {
     pub repeat_last_n: usize,
 
     /// Stop when this text is generated (repeatable); the output ends before it.
-    #[arg(long, value_name = "STR")]
+    #[arg(long, value_name = "STR", value_parser = crate::util::text_arg())]
     pub stop: Vec<String>,
 
     /// Do not stop at end-of-sequence / end-of-turn tokens (keep going until --max-tokens).

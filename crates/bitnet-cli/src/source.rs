@@ -16,11 +16,11 @@ pub struct SourceArgs {
     /// model.safetensors.index.json + shards), or a Hugging Face hub id such as
     /// microsoft/bitnet-b1.58-2B-4T, downloaded once into the HF cache ($HF_HOME/hub,
     /// default ~/.cache/huggingface/hub). [default: the repository's models/bitnet-kjv-tiny]
-    #[arg(long, short = 'm', value_name = "DIR|HUB_ID")]
+    #[arg(long, short = 'm', value_name = "DIR|HUB_ID", value_parser = crate::util::text_arg())]
     pub model: Option<String>,
 
     /// Revision of a hub id: branch, tag or commit hash.
-    #[arg(long, default_value = "main", value_name = "REV")]
+    #[arg(long, default_value = "main", value_name = "REV", value_parser = crate::util::text_arg())]
     pub revision: String,
 
     /// Use only the local Hugging Face cache for a hub id, never the network (same as the

@@ -14,6 +14,24 @@ pub fn utf8(bytes: Vec<u8>, what: &str) -> Result<String> {
     })
 }
 
+/// clap parser for text arguments: like `String`, but a value that is not UTF-8 is refused
+/// with the flag's name (clap's own message for `String` names no argument).
+pub fn text_arg() -> impl clap::builder::TypedValueParser<Value = String> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().try_map(|s| {
+        s.into_string().map_err(|s| {
+            let bytes = s.as_encoded_bytes();
+            let at = std::str::from_utf8(bytes)
+                .err()
+                .map_or(0, |e| e.valid_up_to());
+            format!(
+                "not valid UTF-8 (byte 0x{:02x} at offset {at}); pass UTF-8 text",
+                bytes.get(at).copied().unwrap_or(0)
+            )
+        })
+    })
+}
+
 /// Reads a whole UTF-8 text file given by `flag`.
 pub fn read_text_file(flag: &str, path: &Path) -> Result<String> {
     let what = format!("{flag} {}", path.display());

@@ -549,6 +549,15 @@ fn bad_inputs_fail_with_a_message_naming_them() {
         run_stdin(&["generate", "--model", m, "--prompt", "-"], b"\xff\xfe"),
         &["--prompt -", "UTF-8"],
     );
+    // A non-UTF-8 argument is refused with its flag's name.
+    for (flag, rest) in [("--prompt", &[][..]), ("--stop", &["--prompt", "hi"][..])] {
+        use std::os::unix::ffi::OsStrExt;
+        let mut cmd = bitnet(&["generate", "--model", m]);
+        cmd.args(rest)
+            .arg(flag)
+            .arg(std::ffi::OsStr::from_bytes(b"ab\xffcd"));
+        fails_with(cmd.output().unwrap(), &[flag, "not valid UTF-8"]);
+    }
 
     fails_with(
         run(&["generate", "--model", m, "--prompt", "hi", "--dtype", "f16"]),
