@@ -935,8 +935,10 @@ pub(crate) fn q4_linear_fwd(
     if tokens > 0 && w.rows > 0 && w.nb > 0 {
         let (ri, ci, nbi) = (i32_arg(w.rows)?, i32_arg(w.cols)?, i32_arg(w.nb)?);
         let blocks = w.rows.div_ceil(Q4_THREADS / 4).min(Q4_MAX_BLOCKS);
-        // q (64 B), lane corrections (16 × i32) and the scale (f32) of every block.
-        let shared = u32::try_from(w.nb * (64 + 64 + 4))
+        // q (64 B), lane corrections (16 × i32) and the scale (f32) of every block, plus 16
+        // bytes: the block loop unrolled by 4 loads the scales as one 16-byte vector, also in
+        // its remainder (compute-sanitizer saw it read up to 12 bytes past nb scales).
+        let shared = u32::try_from(w.nb * (64 + 64 + 4) + 16)
             .map_err(|_| candle_core::Error::Msg("q4-linear: row too long".into()))?;
         for t in 0..tokens {
             let mut yv = y.slice_mut(t * w.rows..);
