@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
@@ -638,7 +638,9 @@ fn gemv_split(dev: &CudaDevice, groups: usize) -> Result<usize> {
     let sms = dev
         .cuda_stream()
         .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .attribute(
+            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
         .w()?;
     let sms = usize::try_from(sms).unwrap_or(1);
     let warps = ROW_THREADS / 32;
@@ -749,11 +751,10 @@ fn products<T: DeviceRepr + CudaDType>(
                         // Groups per block: one per warp, or one per `split` warps (fused).
                         let is_fused = fused.is_some();
                         let split = if is_fused {
-                            gemv_split(dev, groups)?
+                            i32_arg(gemv_split(dev, groups)?)?
                         } else {
                             1
                         };
-                        let split_arg = i32_arg(split)?;
                         let mut b = stream.launch_builder(&f);
                         let mut views = views.iter_mut();
                         // Unused slots get null pointers and no rows.
@@ -788,9 +789,9 @@ fn products<T: DeviceRepr + CudaDType>(
                         }
                         b.arg(&nbi).arg(&divide);
                         if is_fused {
-                            b.arg(&split_arg);
+                            b.arg(&split);
                         }
-                        let per_block = threads / 32 / split;
+                        let per_block = threads / 32 / split.unsigned_abs() as usize;
                         let mut config = cfg((groups.div_ceil(per_block), 1), threads);
                         config.shared_mem_bytes = smem as u32;
                         // SAFETY: argument types and sizes match the kernel's signature; a
