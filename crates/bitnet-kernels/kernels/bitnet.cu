@@ -50,7 +50,7 @@ __device__ __forceinline__ float epilogue(int acc, float s, float scale, int div
 // values in registers between passes, so a row is read from memory once and a pass's loads are all
 // in flight together (a decode step has a single row: these kernels are latency-bound). Thread t
 // sums the squares of elements t, t + blockDim.x, ... whatever REGS is, and every row kernel runs
-// 1024 threads (ROW_THREADS in src/cuda/mod.rs), so all of them round the norm identically.
+// 256 threads (ROW_THREADS in src/cuda/mod.rs), so all of them round the norm identically.
 // ---------------------------------------------------------------------------------------------
 #define ROW_REGS 8
 
@@ -219,7 +219,7 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
 }
 
 #define QUANT(REGS, NAME, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(1024) bitnet_quant##REGS##_##NAME(               \
+    extern "C" __global__ void __launch_bounds__(256) bitnet_quant##REGS##_##NAME(                \
         const T* x, const T* r, int mode, T* sum_out, const T* w, int norm, float eps, int8_t* q, \
         float* s, int* sums, int k, int k_pad) {                                                  \
         quantize_rows<REGS>(x, r, mode, sum_out, w, norm, eps, q, s, sums, k, k_pad);             \
@@ -229,6 +229,10 @@ QUANT_ALL(4)
 QUANT_ALL(8)
 QUANT_ALL(12)
 QUANT_ALL(16)
+QUANT_ALL(20)
+QUANT_ALL(24)
+QUANT_ALL(28)
+QUANT_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (b) GEMV for NT <= 8 tokens: one warp per group of 4 rows. The group's nb*256 bytes are read as
@@ -265,26 +269,27 @@ __device__ __forceinline__ int pick_group(const GemvMat<OutT>& m0, const GemvMat
     return group;
 }
 
-// One warp's share of group `group`'s dot products with NT tokens of activations q: chunks
-// part, part + parts, ... of the group's nb*256 bytes (parts > 1 splits K over several warps).
-// On return the sums over the warp's chunks are in the lanes with (lane & 0x13) == 0, row
-// lane >> 2 of the group. Integer sums: the split does not change the result.
-template <int NT>
-__device__ __forceinline__ void gemv_partial(const uint8_t* __restrict__ w, int group,
-                                             const int8_t* __restrict__ q, int nb, int part,
-                                             int parts, int (&acc)[NT]) {
+// One warp: group `group` (numbered across m0, m1, m2) against NT tokens of activations q.
+template <int NT, typename OutT>
+__device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
+                                           const GemvMat<OutT>& m2, int group,
+                                           const int8_t* __restrict__ q,
+                                           const float* __restrict__ scales,
+                                           const int* __restrict__ sums, int nb, int divide) {
     const int lane = threadIdx.x & 31;
+    GemvMat<OutT> m;
+    group = pick_group(m0, m1, m2, group, m);
+    if (group < 0) return;
     const size_t k_pad = (size_t)nb * 256;
-    const uint4* wg = reinterpret_cast<const uint4*>(w + (size_t)group * nb * 256);
+    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
     const int chunks = nb * 16;
     const int j0 = (lane & 3) * 16;
+    int acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] = 0;
 
-    // A lane's chunks c all have c % 16 == lane % 16 (32 * parts is a multiple of 16), so it
-    // always meets the same row and byte offset.
 #pragma unroll 4
-    for (int c = lane + 32 * part; c < chunks; c += 32 * parts) {
+    for (int c = lane; c < chunks; c += 32) {
         const uint4 wv = __ldg(wg + c);
         const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
         const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
@@ -306,14 +311,6 @@ __device__ __forceinline__ void gemv_partial(const uint8_t* __restrict__ w, int 
         acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 2);
         acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 16);
     }
-}
-
-// The epilogue of group `group` of m from the sums gemv_partial left in this warp.
-template <int NT, typename OutT>
-__device__ __forceinline__ void gemv_store(const GemvMat<OutT>& m, int group, const int (&acc)[NT],
-                                           const float* __restrict__ scales,
-                                           const int* __restrict__ sums, int divide) {
-    const int lane = threadIdx.x & 31;
     if ((lane & 0x13) == 0) {
         const int o = group * 4 + (lane >> 2);
         if (o < m.out) {
@@ -323,21 +320,6 @@ __device__ __forceinline__ void gemv_store(const GemvMat<OutT>& m, int group, co
                           epilogue(acc[t] - sums[t], scales[t], m.scale, divide));
         }
     }
-}
-
-// One warp: group `group` (numbered across m0, m1, m2) against NT tokens of activations q.
-template <int NT, typename OutT>
-__device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
-                                           const GemvMat<OutT>& m2, int group,
-                                           const int8_t* __restrict__ q,
-                                           const float* __restrict__ scales,
-                                           const int* __restrict__ sums, int nb, int divide) {
-    GemvMat<OutT> m;
-    group = pick_group(m0, m1, m2, group, m);
-    if (group < 0) return;
-    int acc[NT];
-    gemv_partial<NT>(m.w, group, q, nb, 0, 1, acc);
-    gemv_store<NT>(m, group, acc, scales, sums, divide);
 }
 
 template <int NT, typename OutT>
@@ -364,64 +346,56 @@ GEMV_ALL(bf16, __nv_bfloat16)
 
 // (a) + (b) for one token in one launch (a decode step's BitLinears): every block forms,
 // normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
-// from L2, far cheaper than a launch and a round trip through memory), then its warps compute
-// 32 / split groups, `split` warps per group, each over a 1/split share of the K chunks (their
-// sums added through shared memory). Block 0 stores the residual sum. A decode GEMV is a chain
-// of latencies, so the block is wide: 1024 threads quantize the row with a quarter of the
-// per-thread work of 256, and the split shortens each warp's chain of weight loads while the
-// launch stays one wave on the GPU (src/cuda/mod.rs picks split). REGS * blockDim.x >= k keeps
-// the whole row in registers. Dynamic shared memory: nb * 256 bytes.
+// from L2, far cheaper than a launch and a round trip through memory), then each warp computes
+// one group. Block 0 stores the residual sum. REGS * blockDim.x >= k keeps the whole row in
+// registers; REGS comes in steps of 4 (unused registers would cost occupancy: 2560 inputs
+// with 16 left gate/up's 432 blocks two waves). Dynamic shared memory: nb * 256 bytes.
 template <int REGS, typename T>
 __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T* __restrict__ x,
                            const T* __restrict__ r, int mode, T* __restrict__ sum_out,
                            const T* __restrict__ w, int norm, float eps, int k, int nb,
-                           int divide, int split) {
+                           int divide) {
     extern __shared__ __align__(16) int8_t q[];
     __shared__ float scale;
     __shared__ int qsum;
-    __shared__ int partial[32][4];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int part = warp % split;
-    GemvMat<T> m;
-    const int g = pick_group(m0, m1, m2, blockIdx.x * ((blockDim.x >> 5) / split) + warp / split, m);
-    if (g >= 0) {
-        // The weights do not depend on the row: start this warp's share of its group on its
-        // way from HBM to L2 (one prefetch per 128-byte line) and quantize while it travels.
-        const size_t bytes = (size_t)nb * 256;
-        const uint8_t* wg = m.w + (size_t)g * bytes;
-        for (size_t o = (size_t)(part * 32 + lane) * 128; o < bytes; o += (size_t)split * 32 * 128)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o));
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    {
+        // The weights do not depend on the row: start this warp's group on its way from HBM
+        // to L2 (one prefetch per 128-byte line) and quantize while it travels.
+        GemvMat<T> m;
+        const int g = pick_group(m0, m1, m2, group, m);
+        if (g >= 0) {
+            const size_t bytes = (size_t)nb * 256;
+            const uint8_t* wg = m.w + (size_t)g * bytes;
+            for (size_t o = (size_t)(threadIdx.x & 31) * 128; o < bytes; o += 32 * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o));
+        }
     }
     const RowInput<T> in{x, r, mode};
     quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, norm, eps, q, &scale, &qsum,
                        k, nb * 256);
     __syncthreads();
-    int acc[1] = {0};
-    if (g >= 0) gemv_partial<1>(m.w, g, q, nb, part, split, acc);
-    if (split > 1) {
-        if ((lane & 0x13) == 0) partial[warp][lane >> 2] = acc[0];
-        __syncthreads();
-        if (part != 0) return;
-        for (int p = 1; p < split; ++p) acc[0] += partial[warp + p][(lane >> 2) & 3];
-    }
-    if (g >= 0) gemv_store<1>(m, g, acc, &scale, &qsum, divide);
+    gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, divide);
 }
 
 #define GEMV_FUSED(REGS, NAME, T)                                                                 \
-    extern "C" __global__ void __launch_bounds__(1024) bitnet_gemv_fused##REGS##_##NAME(          \
+    extern "C" __global__ void __launch_bounds__(256) bitnet_gemv_fused##REGS##_##NAME(           \
         const uint8_t* w0, T* y0, int out0, float scale0, const uint8_t* w1, T* y1, int out1,     \
         float scale1, const uint8_t* w2, T* y2, int out2, float scale2, const T* x, const T* r,   \
-        int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb, int divide,         \
-        int split) {                                                                              \
+        int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb, int divide) {       \
         gemv_fused<REGS, T>({w0, y0, out0, scale0}, {w1, y1, out1, scale1},                       \
                             {w2, y2, out2, scale2}, x, r, mode, sum_out, w, norm, eps, k, nb,     \
-                            divide, split);                                                       \
+                            divide);                                                              \
     }
 #define GEMV_FUSED_ALL(REGS) GEMV_FUSED(REGS, f32, float) GEMV_FUSED(REGS, bf16, __nv_bfloat16)
 GEMV_FUSED_ALL(4)
 GEMV_FUSED_ALL(8)
 GEMV_FUSED_ALL(12)
 GEMV_FUSED_ALL(16)
+GEMV_FUSED_ALL(20)
+GEMV_FUSED_ALL(24)
+GEMV_FUSED_ALL(28)
+GEMV_FUSED_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (c) GEMM for many tokens. Block tile: 64 rows (16 groups) x 64 tokens, K step 256 (one weight

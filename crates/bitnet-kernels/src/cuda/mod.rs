@@ -131,9 +131,8 @@ fn cfg(grid: (usize, usize), threads: usize) -> LaunchConfig {
 
 /// Threads of every kernel that reduces a row (quantization, RMSNorm, the fused GEMV): the f32
 /// sum of squares is summed per thread over the elements `t, t + ROW_THREADS, …`, so one
-/// thread count keeps all of them bit-identical to each other. Wide blocks keep a decode
-/// step's serial chains short (each thread forms and quantizes k / 1024 values).
-const ROW_THREADS: usize = 1024;
+/// thread count keeps all of them bit-identical to each other.
+const ROW_THREADS: usize = 256;
 
 fn i32_arg(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bitnet cuda: {v} exceeds i32")))
@@ -625,29 +624,12 @@ enum Acts<'a, T> {
 
 /// Values per thread held in registers (`REGS` of `quantize_row` in kernels/bitnet.cu, for the
 /// quantizer and the fused GEMV) over `k` inputs: enough for the row, in steps of 4 (unused
-/// registers cost occupancy), up to 16 (16384 inputs; beyond, the rest is re-read).
+/// registers cost occupancy: 16 for 2560 inputs left gate/up's 432 blocks two waves), up to 32
+/// (8192 inputs; beyond, the rest is re-read). The fused GEMV's blocks are [`ROW_THREADS`]
+/// threads, 8 warps of one group of four rows each, so that even a 2560-row matrix spreads over
+/// 80 blocks.
 fn row_regs(k: usize) -> usize {
-    k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 16)
-}
-
-/// Warps per group of four rows in the fused GEMV (`split` in kernels/bitnet.cu): the most of
-/// 4, 2, 1 that keeps the launch (32 warps per block, one block per SM) to one wave, so that
-/// each warp's chain of weight loads is as short as the GPU allows. On an H100 (132 SMs) with
-/// the 2B-4T shapes: q/k/v, o and down 4 (120, 80 and 80 blocks), gate/up 1 (108 blocks).
-fn gemv_split(dev: &CudaDevice, groups: usize) -> Result<usize> {
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(
-            candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .w()?;
-    let sms = usize::try_from(sms).unwrap_or(1);
-    let warps = ROW_THREADS / 32;
-    Ok([4, 2]
-        .into_iter()
-        .find(|s| (groups * s).div_ceil(warps) <= sms)
-        .unwrap_or(1))
+    k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 32)
 }
 
 fn products<T: DeviceRepr + CudaDType>(
@@ -717,11 +699,11 @@ fn products<T: DeviceRepr + CudaDType>(
                 let idx: Vec<usize> = (0..ops.len()).collect();
                 for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
                     let nt = GEMV_MAX_TOKENS.min(tokens - t0);
-                    let (name, threads, smem) = match &fused {
-                        None => (format!("bitnet_gemv{nt}_{suffix}"), 128, 0),
+                    let (name, grid_warps, threads, smem) = match &fused {
+                        None => (format!("bitnet_gemv{nt}_{suffix}"), 4, 128, 0),
                         Some((_, _, k, _)) => {
                             let name = format!("bitnet_gemv_fused{}_{suffix}", row_regs(*k));
-                            (name, ROW_THREADS, k_pad)
+                            (name, ROW_THREADS / 32, ROW_THREADS, k_pad)
                         }
                     };
                     let f = func(dev, &name)?;
@@ -747,13 +729,6 @@ fn products<T: DeviceRepr + CudaDType>(
                         let acts = match quantized {
                             Some(a) => Some((a.q(t0), a.scales(t0)?, a.sums(t0)?)),
                             None => None,
-                        };
-                        // Groups per block: one per warp, or one per `split` warps (fused).
-                        let is_fused = fused.is_some();
-                        let split = if is_fused {
-                            i32_arg(gemv_split(dev, groups)?)?
-                        } else {
-                            1
                         };
                         let mut b = stream.launch_builder(&f);
                         let mut views = views.iter_mut();
@@ -788,11 +763,7 @@ fn products<T: DeviceRepr + CudaDType>(
                             (None, None) => unreachable!("one of the two"),
                         }
                         b.arg(&nbi).arg(&divide);
-                        if is_fused {
-                            b.arg(&split);
-                        }
-                        let per_block = threads / 32 / split.unsigned_abs() as usize;
-                        let mut config = cfg((groups.div_ceil(per_block), 1), threads);
+                        let mut config = cfg((groups.div_ceil(grid_warps), 1), threads);
                         config.shared_mem_bytes = smem as u32;
                         // SAFETY: argument types and sizes match the kernel's signature; a
                         // slot with 0 rows is never written; the fused kernel's shared memory
