@@ -8,10 +8,18 @@ use anyhow::{bail, Context, Result};
 /// Checks that `bytes` are UTF-8, naming `what` and the first bad byte otherwise.
 pub fn utf8(bytes: Vec<u8>, what: &str) -> Result<String> {
     String::from_utf8(bytes).or_else(|e| {
-        let at = e.utf8_error().valid_up_to();
-        let byte = e.as_bytes().get(at).copied().unwrap_or(0);
-        bail!("{what}: not valid UTF-8 (byte 0x{byte:02x} at offset {at}); convert the text to UTF-8 first")
+        let why = not_utf8(e.as_bytes());
+        bail!("{what}: {why}; convert the text to UTF-8 first")
     })
+}
+
+/// "not valid UTF-8 (byte … at offset …)" for `bytes`, which are not UTF-8.
+fn not_utf8(bytes: &[u8]) -> String {
+    let at = std::str::from_utf8(bytes)
+        .err()
+        .map_or(0, |e| e.valid_up_to());
+    let byte = bytes.get(at).copied().unwrap_or(0);
+    format!("not valid UTF-8 (byte 0x{byte:02x} at offset {at})")
 }
 
 /// clap parser for text arguments: like `String`, but a value that is not UTF-8 is refused
@@ -19,16 +27,8 @@ pub fn utf8(bytes: Vec<u8>, what: &str) -> Result<String> {
 pub fn text_arg() -> impl clap::builder::TypedValueParser<Value = String> {
     use clap::builder::TypedValueParser;
     clap::builder::OsStringValueParser::new().try_map(|s| {
-        s.into_string().map_err(|s| {
-            let bytes = s.as_encoded_bytes();
-            let at = std::str::from_utf8(bytes)
-                .err()
-                .map_or(0, |e| e.valid_up_to());
-            format!(
-                "not valid UTF-8 (byte 0x{:02x} at offset {at}); pass UTF-8 text",
-                bytes.get(at).copied().unwrap_or(0)
-            )
-        })
+        s.into_string()
+            .map_err(|s| format!("{}; pass UTF-8 text", not_utf8(s.as_encoded_bytes())))
     })
 }
 
