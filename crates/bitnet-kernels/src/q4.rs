@@ -425,7 +425,7 @@ impl Kernel {
     fn for_isa(isa: Isa) -> Self {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => Kernel::Avx512,
+            Isa::Avx512Vnni | Isa::Amx => Kernel::Avx512,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2
                 if std::arch::is_x86_feature_detected!("fma")

@@ -73,6 +73,29 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Prefill-sized products, where `Isa::Amx` takes its tiles (8+ tokens): partial 32-row
+    /// panels, chunk boundaries, a lone last group of 16 tokens and ragged inputs.
+    #[test]
+    fn many_token_products_match_scalar(
+        out in 1usize..200, inp in 1usize..800, tokens in 8usize..70, seed in any::<u64>()
+    ) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let t = random_ternary(&mut rng, out * inp);
+        let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
+        let mut acts = QuantizedActivations::default();
+        acts.quantize(&random_acts(&mut rng, tokens * inp), tokens, inp, w.padded_in_features());
+        let expected = naive_matmul(&t, out, inp, &acts);
+        for isa in Isa::available() {
+            let mut y = vec![0i32; out * tokens];
+            ternary_matmul(isa, &w, &acts, &mut y);
+            prop_assert_eq!(&y, &expected, "{:?}", isa);
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Every instruction set's activation quantization equals the portable definition bit for
@@ -113,17 +136,20 @@ fn extreme_values_accumulate_exactly() {
         .map(|i| if (i / inp) % 2 == 0 { 1 } else { -1 })
         .collect();
     let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
-    let x: Vec<f32> = (0..2 * inp)
-        .map(|i| if i < inp { -1.0 } else { 1.0 })
-        .collect();
-    let mut acts = QuantizedActivations::default();
-    acts.quantize(&x, 2, inp, w.padded_in_features());
-    let expected = naive_matmul(&t, out, inp, &acts);
-    assert_eq!(expected[0], -127 * inp as i32);
-    for isa in Isa::available() {
-        let mut y = vec![0i32; out * 2];
-        ternary_matmul(isa, &w, &acts, &mut y);
-        assert_eq!(y, expected, "{isa:?}");
+    // 2 tokens take the GEMM tiles, 24 the AMX tiles where present.
+    for tokens in [2, 24] {
+        let x: Vec<f32> = (0..tokens * inp)
+            .map(|i| if (i / inp) % 2 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let mut acts = QuantizedActivations::default();
+        acts.quantize(&x, tokens, inp, w.padded_in_features());
+        let expected = naive_matmul(&t, out, inp, &acts);
+        assert_eq!(expected[0], -127 * inp as i32);
+        for isa in Isa::available() {
+            let mut y = vec![0i32; out * tokens];
+            ternary_matmul(isa, &w, &acts, &mut y);
+            assert_eq!(y, expected, "{isa:?}, {tokens} tokens");
+        }
     }
 }
 

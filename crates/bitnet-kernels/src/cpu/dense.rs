@@ -11,7 +11,7 @@ pub(crate) fn dot_bf16(isa: Isa, w: &[bf16], x: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the ISA was checked to be available by the caller.
-        Isa::Avx512Vnni => unsafe { x86::dot_avx512(w, x) },
+        Isa::Avx512Vnni | Isa::Amx => unsafe { x86::dot_avx512(w, x) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if std::arch::is_x86_feature_detected!("fma") => unsafe { x86::dot_avx2(w, x) },
         _ => dot_scalar(w, x),

@@ -17,6 +17,8 @@ use crate::quant::QuantizedActivations;
 pub(crate) use dense::dot_bf16;
 pub use quant::quantize_activations;
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 mod dense;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -34,6 +36,9 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 with VNNI (`vpdpbusd`).
     Avx512Vnni,
+    /// AVX-512 VNNI plus AMX-INT8 tiles (`tdpbusd`) for products of many tokens (Linux only:
+    /// the kernel must grant the tile state). Everything else runs the AVX-512 VNNI code.
+    Amx,
     /// aarch64 NEON (`smull` + `sadalp`).
     Neon,
 }
@@ -41,7 +46,7 @@ pub enum Isa {
 impl Isa {
     /// The best instruction set this CPU supports (detected once).
     ///
-    /// `BITNET_ISA=scalar|avx2|avx512vnni|neon` overrides it, for benchmarks and debugging;
+    /// `BITNET_ISA=scalar|avx2|avx512vnni|amx|neon` overrides it, for benchmarks and debugging;
     /// an unsupported or unknown value falls back to detection.
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
@@ -82,6 +87,10 @@ impl Isa {
                 && is_x86_feature_detected!("avx512vnni")
             {
                 isas.push(Isa::Avx512Vnni);
+                #[cfg(target_os = "linux")]
+                if amx::cpu_has_amx_int8() && amx::request_tile_state() {
+                    isas.push(Isa::Amx);
+                }
             }
         }
         #[cfg(target_arch = "aarch64")]
@@ -95,6 +104,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
             Isa::Neon => "neon",
         }
     }
@@ -144,9 +154,24 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
     if rows == 0 || tokens == 0 {
         return;
     }
-    // A few chunks per thread balance the load; chunks are multiples of 4 rows (the tile height).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let amx_acts =
+        (isa == Isa::Amx && tokens >= AMX_MIN_TOKENS && acts.padded_len() > 0).then(|| {
+            let mut packed = Vec::new();
+            amx::pack_activations(acts, &mut packed);
+            packed
+        });
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let amx_acts: Option<Vec<i8>> = None;
+    // A few chunks per thread balance the load; chunks are multiples of the tile height (4
+    // rows, or an AMX panel).
+    let height = if amx_acts.is_some() {
+        AMX_PANEL_ROWS
+    } else {
+        4
+    };
     let chunks = rayon::current_num_threads() * 4;
-    let chunk_rows = rows.div_ceil(chunks).next_multiple_of(4).max(16);
+    let chunk_rows = rows.div_ceil(chunks).next_multiple_of(height).max(16);
     let out = OutPtr(out.as_mut_ptr());
     (0..rows.div_ceil(chunk_rows))
         .into_par_iter()
@@ -156,6 +181,14 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
             // SAFETY: `out` holds `rows × tokens` values (asserted above) and task `i` writes
             // only columns `r0 .. r0 + n` of each token's row, which no other task touches.
             let out = unsafe { ChunkOut::new(&out, r0, n, tokens, rows) };
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            if let Some(packed) = &amx_acts {
+                // SAFETY: `Isa::Amx` is available (asserted above), so AVX-512 BW, AMX-INT8
+                // and the tile state are; `packed` comes from these activations, whose padded
+                // length is the weight's (asserted) and non-zero; `r0` is a multiple of 32.
+                unsafe { amx::rows(w, r0, acts, packed, out) };
+                return;
+            }
             let run = match (isa, tokens) {
                 (Isa::Scalar, _) => rows_tiled::<scalar::Scalar, 1, 1>,
                 #[cfg(target_arch = "x86_64")]
@@ -163,9 +196,9 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, _) => rows_tiled::<x86::Avx2, 2, 2>,
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni, 1) => rows_tiled::<x86::Avx512Vnni, 4, 1>,
+                (Isa::Avx512Vnni | Isa::Amx, 1) => rows_tiled::<x86::Avx512Vnni, 4, 1>,
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni, _) => rows_tiled::<x86::Avx512Vnni, 4, 4>,
+                (Isa::Avx512Vnni | Isa::Amx, _) => rows_tiled::<x86::Avx512Vnni, 4, 4>,
                 #[cfg(target_arch = "aarch64")]
                 (Isa::Neon, 1) => rows_tiled::<neon::Neon, 4, 1>,
                 #[cfg(target_arch = "aarch64")]
@@ -176,6 +209,16 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
             run(w, r0, acts, out);
         });
 }
+
+/// Fewest tokens for which [`Isa::Amx`] uses tiles (16 tokens wide): below it, the AVX-512
+/// VNNI tiles waste no work on padding and win.
+const AMX_MIN_TOKENS: usize = 8;
+
+/// Rows per AMX work unit.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+const AMX_PANEL_ROWS: usize = amx::PANEL_ROWS;
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+const AMX_PANEL_ROWS: usize = 4;
 
 /// The output buffer, shared by the tasks of [`ternary_matmul`].
 struct OutPtr(*mut i32);
@@ -203,6 +246,15 @@ impl ChunkOut {
             tokens,
             stride,
         }
+    }
+
+    /// Rows `r .. r + len` (chunk-relative) of token `t`, which are contiguous.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[inline(always)]
+    fn span(&mut self, r: usize, t: usize, len: usize) -> *mut i32 {
+        assert!(r + len <= self.rows && t < self.tokens);
+        // SAFETY: within the chunk's columns of token `t`'s row (constructor contract).
+        unsafe { self.base.add(t * self.stride + r) }
     }
 
     /// Writes row `r` (chunk-relative) of token `t`.

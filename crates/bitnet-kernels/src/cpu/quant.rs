@@ -23,7 +23,7 @@ pub fn quantize_activations(isa: Isa, x: &[f32], q: &mut [i8]) -> (f32, i32) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the ISA and the lengths are asserted above.
-        Isa::Avx512Vnni => unsafe { x86::quantize_avx512(x, q) },
+        Isa::Avx512Vnni | Isa::Amx => unsafe { x86::quantize_avx512(x, q) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::quantize_avx2(x, q) },
