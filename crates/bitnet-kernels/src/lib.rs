@@ -8,7 +8,7 @@
 //! - [`pack`]: the Hugging Face packed U8 layout (`[out/4, in]`) and absmean weight quantization;
 //! - [`quant`]: per-token absmax int8 activation quantization (ties-to-even, as PyTorch);
 //! - [`TernaryWeight`]: the kernel layout, repacked once at load time;
-//! - [`cpu`]: scalar, AVX2, AVX-512 VNNI and NEON products, chosen at run time;
+//! - [`cpu`]: scalar, AVX2, AVX-512 VNNI, AMX-INT8 and NEON products, chosen at run time;
 //! - [`BitLinearOp`]: the layer as a candle `CustomOp1` (CPU now, CUDA through the same op);
 //! - [`Bf16LinearOp`]: the BF16 LM head with f32 accumulation (candle's CPU matmul has no BF16);
 //! - [`RmsNormOp`]: RMSNorm in one CPU pass, with transformers' rounding points;

@@ -157,7 +157,7 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     let amx_acts =
         (isa == Isa::Amx && tokens >= AMX_MIN_TOKENS && acts.padded_len() > 0).then(|| {
-            let mut packed = Vec::new();
+            let mut packed = AMX_ACTS.take();
             amx::pack_activations(acts, &mut packed);
             packed
         });
@@ -208,6 +208,17 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
             };
             run(w, r0, acts, out);
         });
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if let Some(packed) = amx_acts {
+        AMX_ACTS.set(packed);
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+thread_local! {
+    /// The AMX-packed activations, reused between products. Taken out while in use: a rayon
+    /// worker waiting inside one product may run another on the same thread.
+    static AMX_ACTS: std::cell::Cell<Vec<i8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Fewest tokens for which [`Isa::Amx`] uses tiles (16 tokens wide): below it, the AVX-512
