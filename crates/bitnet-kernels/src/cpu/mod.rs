@@ -196,9 +196,13 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
                 #[cfg(target_arch = "x86_64")]
                 (Isa::Avx2, _) => rows_tiled::<x86::Avx2, 2, 2>,
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni | Isa::Amx, 1) => rows_tiled::<x86::Avx512Vnni, 4, 1>,
+                (Isa::Avx512Vnni | Isa::Amx, 1) if x86::prefetch_helps() => {
+                    rows_tiled::<x86::Avx512Vnni<true>, 4, 1>
+                }
                 #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512Vnni | Isa::Amx, _) => rows_tiled::<x86::Avx512Vnni, 4, 4>,
+                (Isa::Avx512Vnni | Isa::Amx, 1) => rows_tiled::<x86::Avx512Vnni<false>, 4, 1>,
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx512Vnni | Isa::Amx, _) => rows_tiled::<x86::Avx512Vnni<false>, 4, 4>,
                 #[cfg(target_arch = "aarch64")]
                 (Isa::Neon, 1) => rows_tiled::<neon::Neon, 4, 1>,
                 #[cfg(target_arch = "aarch64")]
