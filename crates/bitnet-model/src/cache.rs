@@ -167,7 +167,6 @@ impl Cache {
     }
 
     /// Makes room for `needed` positions in every layer (see [`LayerCache::reserve`]).
-    #[cfg(feature = "cuda")]
     pub(crate) fn reserve(
         &mut self,
         dims: (usize, usize, usize),
