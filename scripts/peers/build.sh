@@ -11,7 +11,10 @@
 # e.g. git clone https://github.com/microsoft/BitNet && cd BitNet && git checkout c82b5e6 &&
 #      git submodule update --init 3rdparty/llama.cpp   (or, with the agent `fetch` tool:
 #      github:ikawrakow/ik_llama.cpp, github:microsoft/BitNet, github:Eddie-Wang1120/llama.cpp,
-#      then `git --git-dir=<mirror> archive <commit> | tar -x -C <dir>`).
+#      then `git --git-dir=<mirror> archive <commit> | tar -x -C <dir>`; where a snapshot lacks
+#      a few blobs (seen: ik_llama.cpp's and llama.cpp's web-server assets), `git archive` stops,
+#      so write the files of `git ls-tree -r <commit>` one by one with `git cat-file`, skipping
+#      the missing ones: llama-bench and llama-quantize need none of them).
 #
 # Env: IK_SRC, BITNET_SRC, LLAMA_SRC (default $PEERS_DIR/ik_llama.cpp, .../BitNet, .../llama.cpp),
 #      PEERS_DIR (default /work/peers), JOBS (default 2), NICE (default 19),
