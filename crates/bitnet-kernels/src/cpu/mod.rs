@@ -227,6 +227,7 @@ thread_local! {
 
 /// Fewest tokens for which [`Isa::Amx`] uses tiles (16 tokens wide): below it, the AVX-512
 /// VNNI tiles waste no work on padding and win.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 const AMX_MIN_TOKENS: usize = 8;
 
 /// Rows per AMX work unit.
