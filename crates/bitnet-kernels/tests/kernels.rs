@@ -35,6 +35,33 @@ fn naive_matmul(t: &[i8], out: usize, inp: usize, acts: &QuantizedActivations) -
     y
 }
 
+/// Runs `ternary_matmul` on every available instruction set for a random `out × inp` matrix
+/// and `tokens` random tokens, and compares each with the naive product, bit for bit.
+fn every_isa_matches_naive(
+    out: usize,
+    inp: usize,
+    tokens: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let t = random_ternary(&mut rng, out * inp);
+    let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
+    let mut acts = QuantizedActivations::default();
+    acts.quantize(
+        &random_acts(&mut rng, tokens * inp),
+        tokens,
+        inp,
+        w.padded_in_features(),
+    );
+    let expected = naive_matmul(&t, out, inp, &acts);
+    for isa in Isa::available() {
+        let mut y = vec![0i32; out * tokens];
+        ternary_matmul(isa, &w, &acts, &mut y);
+        prop_assert_eq!(&y, &expected, "{:?}", isa);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -58,17 +85,7 @@ proptest! {
     fn simd_matches_scalar_bit_exact(
         out in 1usize..70, inp in 1usize..700, tokens in 1usize..21, seed in any::<u64>()
     ) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let t = random_ternary(&mut rng, out * inp);
-        let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
-        let mut acts = QuantizedActivations::default();
-        acts.quantize(&random_acts(&mut rng, tokens * inp), tokens, inp, w.padded_in_features());
-        let expected = naive_matmul(&t, out, inp, &acts);
-        for isa in Isa::available() {
-            let mut y = vec![0i32; out * tokens];
-            ternary_matmul(isa, &w, &acts, &mut y);
-            prop_assert_eq!(&y, &expected, "{:?}", isa);
-        }
+        every_isa_matches_naive(out, inp, tokens, seed)?;
     }
 }
 
@@ -81,17 +98,7 @@ proptest! {
     fn many_token_products_match_scalar(
         out in 1usize..200, inp in 1usize..800, tokens in 8usize..70, seed in any::<u64>()
     ) {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let t = random_ternary(&mut rng, out * inp);
-        let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
-        let mut acts = QuantizedActivations::default();
-        acts.quantize(&random_acts(&mut rng, tokens * inp), tokens, inp, w.padded_in_features());
-        let expected = naive_matmul(&t, out, inp, &acts);
-        for isa in Isa::available() {
-            let mut y = vec![0i32; out * tokens];
-            ternary_matmul(isa, &w, &acts, &mut y);
-            prop_assert_eq!(&y, &expected, "{:?}", isa);
-        }
+        every_isa_matches_naive(out, inp, tokens, seed)?;
     }
 }
 

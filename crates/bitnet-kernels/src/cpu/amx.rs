@@ -1,7 +1,7 @@
 //! x86-64 AMX-INT8 GEMM for many tokens (prefill): `tdpbusd` on 16 × 16 i32 tiles.
 //!
 //! One `tdpbusd` multiplies a 16 × 64 u8 tile (A) by a 64 × 16 i8 tile (B) into a 16 × 16 i32
-//! accumulator: 16 384 exact multiply-adds, 256× one `vpdpbusd` lane group, at a throughput of
+//! accumulator: 16 384 exact multiply-adds, 256× one 512-bit `vpdpbusd`, at a throughput of
 //! one per 16 cycles on Sapphire Rapids and later. A holds unsigned weight codes `w + 1 ∈
 //! {0,1,2}` (as in every other path, so the driver subtracts each token's `Σq`); B holds the
 //! quantized activations "VNNI-packed": row `p` of a B tile is the inputs `4p .. 4p + 4` of

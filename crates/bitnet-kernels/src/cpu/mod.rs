@@ -161,15 +161,16 @@ pub fn ternary_matmul(isa: Isa, w: &TernaryWeight, acts: &QuantizedActivations, 
             amx::pack_activations(acts, &mut packed);
             packed
         });
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    let amx_acts: Option<Vec<i8>> = None;
     // A few chunks per thread balance the load; chunks are multiples of the tile height (4
     // rows, or an AMX panel).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     let height = if amx_acts.is_some() {
-        AMX_PANEL_ROWS
+        amx::PANEL_ROWS
     } else {
         4
     };
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    let height = 4;
     let chunks = rayon::current_num_threads() * 4;
     let chunk_rows = rows.div_ceil(chunks).next_multiple_of(height).max(16);
     let out = OutPtr(out.as_mut_ptr());
@@ -229,12 +230,6 @@ thread_local! {
 /// VNNI tiles waste no work on padding and win.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 const AMX_MIN_TOKENS: usize = 8;
-
-/// Rows per AMX work unit.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-const AMX_PANEL_ROWS: usize = amx::PANEL_ROWS;
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-const AMX_PANEL_ROWS: usize = 4;
 
 /// The output buffer, shared by the tasks of [`ternary_matmul`].
 struct OutPtr(*mut i32);
