@@ -143,8 +143,8 @@ fn extreme_values_accumulate_exactly() {
         .map(|i| if (i / inp) % 2 == 0 { 1 } else { -1 })
         .collect();
     let w = TernaryWeight::from_ternary(&t, out, inp).unwrap();
-    // 2 tokens take the GEMM tiles, 24 the AMX tiles where present.
-    for tokens in [2, 24] {
+    // 1 token takes the GEMV tiles, 2 the GEMM tiles, 24 the AMX tiles where present.
+    for tokens in [1, 2, 24] {
         let x: Vec<f32> = (0..tokens * inp)
             .map(|i| if (i / inp) % 2 == 0 { -1.0 } else { 1.0 })
             .collect();

@@ -1,7 +1,8 @@
 //! x86-64 micro-kernels: AVX2 and AVX-512 VNNI.
 //!
 //! Both shift-and-mask the packed bytes into unsigned codes 0..2 and multiply them with the
-//! signed int8 activations (u8 × i8 is exactly what `vpmaddubsw` / `vpdpbusd` take).
+//! signed int8 activations (u8 × i8 is exactly what `vpmaddubsw` / `vpdpbusd` take); the
+//! AVX-512 one-token tile masks without shifting (see [`gemv_avx512`]).
 
 use std::arch::x86_64::*;
 
@@ -53,7 +54,14 @@ impl<const PREFETCH: bool> Tile for Avx512Vnni<PREFETCH> {
         nb: usize,
     ) -> [[i32; T]; R] {
         // SAFETY: forwarded from the trait contract (AVX-512 VNNI checked by `Isa::available`).
-        unsafe { tile_avx512::<R, T, PREFETCH>(w, bs, q, qs, nb) }
+        unsafe {
+            if T == 1 {
+                let sums = gemv_avx512::<R, PREFETCH>(w, bs, q, nb);
+                std::array::from_fn(|r| [sums[r]; T])
+            } else {
+                tile_avx512::<R, T>(w, bs, q, qs, nb)
+            }
+        }
     }
 }
 
@@ -119,7 +127,7 @@ fn hsum_avx2(v: __m256i) -> i32 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_avx512<const R: usize, const T: usize, const PREFETCH: bool>(
+unsafe fn tile_avx512<const R: usize, const T: usize>(
     w: *const u8,
     bs: usize,
     q: *const i8,
@@ -129,13 +137,6 @@ unsafe fn tile_avx512<const R: usize, const T: usize, const PREFETCH: bool>(
     let mask = _mm512_set1_epi8(3);
     let mut acc = [[_mm512_setzero_si512(); T]; R];
     for b in 0..nb {
-        if PREFETCH && T == 1 {
-            // A hint only: addresses past the weights are not dereferenced.
-            for r in 0..R {
-                let ahead = w.wrapping_add(r * BLOCK_BYTES + b * bs + PREFETCH_DISTANCE);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            }
-        }
         let mut wv = [_mm512_setzero_si512(); R];
         for (r, wr) in wv.iter_mut().enumerate() {
             *wr = _mm512_loadu_si512(w.add(r * BLOCK_BYTES + b * bs).cast());
@@ -161,4 +162,47 @@ unsafe fn tile_avx512<const R: usize, const T: usize, const PREFETCH: bool>(
         }
     }
     sums
+}
+
+/// The one-token tile: the codes of input group `k` are masked in place (`byte & 3 << 2k`, i.e.
+/// `code · 4^k`, at most 128, still a valid unsigned operand) instead of shifted down, into an
+/// accumulator of their own per `k`; each accumulator is an exact multiple of `4^k`, shifted back
+/// once at the end. That drops the three shifts per weight vector of the GEMM tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn gemv_avx512<const R: usize, const PREFETCH: bool>(
+    w: *const u8,
+    bs: usize,
+    q: *const i8,
+    nb: usize,
+) -> [i32; R] {
+    let masks = [0x03, 0x0c, 0x30, 0xc0u8].map(|m| _mm512_set1_epi8(m as i8));
+    let mut acc = [[_mm512_setzero_si512(); 4]; R];
+    for b in 0..nb {
+        if PREFETCH {
+            // A hint only: addresses past the weights are not dereferenced.
+            for r in 0..R {
+                let ahead = w.wrapping_add(r * BLOCK_BYTES + b * bs + PREFETCH_DISTANCE);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            }
+        }
+        let mut wv = [_mm512_setzero_si512(); R];
+        for (r, wr) in wv.iter_mut().enumerate() {
+            *wr = _mm512_loadu_si512(w.add(r * BLOCK_BYTES + b * bs).cast());
+        }
+        for k in 0..4 {
+            let qv = _mm512_loadu_si512(q.add(b * BLOCK + k * BLOCK_BYTES).cast());
+            for r in 0..R {
+                let codes = _mm512_and_si512(wv[r], masks[k]);
+                acc[r][k] = _mm512_dpbusd_epi32(acc[r][k], codes, qv);
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let [a0, a1, a2, a3] = acc[r];
+        let a = _mm512_add_epi32(
+            _mm512_add_epi32(a0, _mm512_srai_epi32::<2>(a1)),
+            _mm512_add_epi32(_mm512_srai_epi32::<4>(a2), _mm512_srai_epi32::<6>(a3)),
+        );
+        _mm512_reduce_add_epi32(a)
+    })
 }
