@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/cuda-target}
+mkdir -p "$CARGO_TARGET_DIR"
 # The shared setup script reads cudarc's sources from the registry for its libcuda stub.
 cargo fetch --locked >/dev/null
 if ! command -v nvcc >/dev/null; then
