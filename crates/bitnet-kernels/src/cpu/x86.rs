@@ -14,10 +14,11 @@ pub(crate) struct Avx2;
 pub(crate) struct Avx512Vnni<const PREFETCH: bool>;
 
 /// How far ahead a prefetching GEMV tile asks for its weight stream: on the Intel Xeon VM
-/// (AMX, 2 vCPUs) a 2 KiB lead made batch-1 GEMV 25–30% faster and 2B-4T decode 10–14%
-/// (docs/BENCHMARKS.md); on the AMD Zen 4 VM software prefetch slowed it (20 → 15 GB/s), so
-/// [`prefetch_helps`] enables it on Intel CPUs only.
-const PREFETCH_DISTANCE: usize = 2048;
+/// (AMX, 2 vCPUs) a 2 KiB lead made batch-1 GEMV 25–30% faster and 2B-4T decode 10–14%; with
+/// the shift-free one-token tile, 1.5 KiB beat 2 KiB by another 5–20% (docs/BENCHMARKS.md). On
+/// the AMD Zen 4 VM software prefetch slowed it (20 → 15 GB/s), so [`prefetch_helps`] enables
+/// it on Intel CPUs only.
+const PREFETCH_DISTANCE: usize = 1536;
 
 /// Whether this CPU's GEMV tiles should prefetch (Intel: yes; others: their hardware
 /// prefetchers already follow the sequential layout).
