@@ -10,15 +10,20 @@ use super::Tile;
 use crate::layout::{BLOCK, BLOCK_BYTES};
 
 pub(crate) struct Avx2;
-/// `PREFETCH`: one-token tiles prefetch their weights [`PREFETCH_DISTANCE`] bytes ahead.
+/// `PREFETCH`: one-token tiles prefetch their weights [`PREFETCH_DISTANCE`] bytes ahead into L1
+/// and [`L2_PREFETCH_DISTANCE`] bytes ahead into L2.
 pub(crate) struct Avx512Vnni<const PREFETCH: bool>;
 
-/// How far ahead a prefetching GEMV tile asks for its weight stream: on the Intel Xeon VM
-/// (AMX, 2 vCPUs) a 2 KiB lead made batch-1 GEMV 25–30% faster and 2B-4T decode 10–14%; with
+/// How far ahead a prefetching GEMV tile asks for its weight stream into L1: on the Intel Xeon
+/// VM (AMX, 2 vCPUs) a 2 KiB lead made batch-1 GEMV 25–30% faster and 2B-4T decode 10–14%; with
 /// the shift-free one-token tile, 1.5 KiB beat 2 KiB by another 5–20% (docs/BENCHMARKS.md). On
 /// the AMD Zen 4 VM software prefetch slowed it (20 → 15 GB/s), so [`prefetch_helps`] enables
 /// it on Intel CPUs only.
 const PREFETCH_DISTANCE: usize = 1536;
+/// The same stream's lead into L2, so that the L1 prefetches above find their lines there: on
+/// top of them, 2-thread GEMV 10–20% faster and decode 5–9% (1 and 2 threads). An L2 prefetch
+/// alone was faster in the kernel bench but slower in the model (docs/BENCHMARKS.md).
+const L2_PREFETCH_DISTANCE: usize = 4096;
 
 /// Whether this CPU's GEMV tiles should prefetch (Intel: yes; others: their hardware
 /// prefetchers already follow the sequential layout).
@@ -182,8 +187,9 @@ unsafe fn gemv_avx512<const R: usize, const PREFETCH: bool>(
         if PREFETCH {
             // A hint only: addresses past the weights are not dereferenced.
             for r in 0..R {
-                let ahead = w.wrapping_add(r * BLOCK_BYTES + b * bs + PREFETCH_DISTANCE);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                let at = w.wrapping_add(r * BLOCK_BYTES + b * bs);
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH_DISTANCE).cast());
+                _mm_prefetch::<_MM_HINT_T2>(at.wrapping_add(L2_PREFETCH_DISTANCE).cast());
             }
         }
         let mut wv = [_mm512_setzero_si512(); R];
