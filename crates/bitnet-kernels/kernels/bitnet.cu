@@ -54,14 +54,15 @@ __device__ __forceinline__ float epilogue(int acc, float s, float scale, int div
 // ---------------------------------------------------------------------------------------------
 #define ROW_REGS 8
 
+// Max over the block of m >= 0 (never NaN). Non-negative floats order as their bit patterns, so
+// each warp reduces with one redux.sync (sm_80+) instead of a five-step shuffle tree.
 __device__ __forceinline__ float block_max(float m, float* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    m = __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(m)));
     if (lane == 0) red[warp] = m;
     __syncthreads();
     m = lane < warps ? red[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    return m;
+    return __uint_as_float(__reduce_max_sync(0xffffffffu, __float_as_uint(m)));
 }
 
 // What a row kernel reads at column i (src/cuda/mod.rs `LinearInput`): x, x + r (a residual add),
@@ -137,11 +138,16 @@ __device__ __forceinline__ float normed(float x, float inv, float w) {
 // quantize_row does one row with the whole block: the row's values go to qr (global memory in the
 // quantization kernel, shared memory in the fused GEMV below), its scale and sum of values to
 // *scale and *qsum (written by thread 0), and with INPUT_ADD the sum x + r to so unless it is null.
+// `issued()` runs once the row's loads are in flight (the fused GEMV starts its weights then).
 // ---------------------------------------------------------------------------------------------
-template <int REGS, typename T>
+struct NoHook {
+    __device__ __forceinline__ void operator()() const {}
+};
+
+template <int REGS, typename T, typename Hook = NoHook>
 __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T* __restrict__ w,
                              int norm, float eps, int8_t* __restrict__ qr, float* scale,
-                             int* qsum, int k, int k_pad) {
+                             int* qsum, int k, int k_pad, const Hook& issued = Hook()) {
     __shared__ float red_n[32], red_f[32];
     __shared__ int red_i[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -151,6 +157,7 @@ __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T*
     load_row(in, k, v);
     // The norm weights are loaded before the reduction needs them, not after it.
     if (norm) load_row(plain(w), k, wv);
+    issued();
     if (in.mode == INPUT_ADD && so != nullptr) {
 #pragma unroll
         for (int r = 0; r < REGS; ++r) {
@@ -195,7 +202,7 @@ __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T*
         qr[i] = (int8_t)c;
         sum += c;
     }
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    sum = __reduce_add_sync(0xffffffffu, sum);
     if (lane == 0) red_i[warp] = sum;
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -344,6 +351,20 @@ __device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m
 GEMV_ALL(f32, float)
 GEMV_ALL(bf16, __nv_bfloat16)
 
+// Starts group `group`'s weights on their way from HBM to L2, one prefetch per 128-byte line.
+// The "memory" clobber keeps loads issued before this call ahead of the prefetches.
+template <typename T>
+__device__ __forceinline__ void prefetch_group(const GemvMat<T>& m0, const GemvMat<T>& m1,
+                                               const GemvMat<T>& m2, int group, int nb) {
+    GemvMat<T> m;
+    const int g = pick_group(m0, m1, m2, group, m);
+    if (g < 0) return;
+    const size_t bytes = (size_t)nb * 256;
+    const uint8_t* wg = m.w + (size_t)g * bytes;
+    for (size_t o = (size_t)(threadIdx.x & 31) * 128; o < bytes; o += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o) : "memory");
+}
+
 // (a) + (b) for one token in one launch (a decode step's BitLinears): every block forms,
 // normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
 // from L2, far cheaper than a launch and a round trip through memory), then each warp computes
@@ -359,21 +380,13 @@ __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T*
     __shared__ float scale;
     __shared__ int qsum;
     const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
-    {
-        // The weights do not depend on the row: start this warp's group on its way from HBM
-        // to L2 (one prefetch per 128-byte line) and quantize while it travels.
-        GemvMat<T> m;
-        const int g = pick_group(m0, m1, m2, group, m);
-        if (g >= 0) {
-            const size_t bytes = (size_t)nb * 256;
-            const uint8_t* wg = m.w + (size_t)g * bytes;
-            for (size_t o = (size_t)(threadIdx.x & 31) * 128; o < bytes; o += 32 * 128)
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o));
-        }
-    }
+    // The weights do not depend on the row: once the row's own loads are issued (so that they
+    // do not queue behind the weights), start this warp's group towards L2 and quantize while
+    // it travels.
+    auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
     const RowInput<T> in{x, r, mode};
     quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, norm, eps, q, &scale, &qsum,
-                       k, nb * 256);
+                       k, nb * 256, prefetch);
     __syncthreads();
     gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, divide);
 }

@@ -1,0 +1,259 @@
+// Where a decode step's GEMV time goes (docs/CUDA.md, "The decode GEMV chain"). Not part of the
+// product: a standalone timing program for a GPU machine, compiled there with nvcc:
+//
+//     nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/decode_chain scripts/decode_chain.cu && /tmp/decode_chain
+//
+// It replays, as one CUDA graph, the four fused one-token GEMVs of each of 30 layers at the
+// 2B-4T shapes (q/k/v, o, gate/up, down; bf16, each forming, normalizing and quantizing its own
+// input as the model's decode step does; attention is left out) and prints the median time per
+// layer of the shipped kernel against variants built from the same device functions:
+//   - empty kernels with the same grids: the launch floor inside a graph;
+//   - the prologue only (form, norm, quantize; weights still prefetched) and the GEMV only;
+//   - outputs allocated with cudaMallocAsync during capture: the allocation nodes the model's
+//     recording holds;
+//   - programmatic dependent launch (sm_90): each kernel prefetches its weights, then waits
+//     for its predecessor (griddepcontrol), and lets its successor start once it has quantized.
+// Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM); the
+// checksums show that the shipped kernel and the PDL variant compute the same outputs.
+
+#include "../crates/bitnet-kernels/kernels/bitnet.cu"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define CK(x)                                                                        \
+    do {                                                                             \
+        cudaError_t e = (x);                                                         \
+        if (e != cudaSuccess) {                                                      \
+            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+            exit(1);                                                                 \
+        }                                                                            \
+    } while (0)
+
+typedef __nv_bfloat16 bf;
+
+enum Variant { SHIPPED, EMPTY, PROLOGUE, GEMV_ONLY, ALLOC_NODES, PDL, VARIANTS };
+static const char* kVariantName[] = {
+    "shipped kernel",
+    "empty kernels, same grids",
+    "prologue only (form, norm, quantize)",
+    "GEMV only (no prologue)",
+    "shipped, outputs cudaMallocAsync'd in capture",
+    "PDL: prefetch, wait, quantize, trigger",
+};
+
+// The experimental variants of gemv_fused (kernels/bitnet.cu), from its own parts.
+template <int REGS, int V>
+__global__ void __launch_bounds__(256)
+    variant(GemvMat<bf> m0, GemvMat<bf> m1, GemvMat<bf> m2, const bf* x, const bf* r, int mode,
+            bf* sum_out, const bf* w, float eps, int k, int nb) {
+    extern __shared__ __align__(16) int8_t q[];
+    __shared__ float scale;
+    __shared__ int qsum;
+    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    bf* so = blockIdx.x == 0 ? sum_out : nullptr;
+    const RowInput<bf> in{x, r, mode};
+    if (V == EMPTY) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) m0.y[0] = x[0];
+        return;
+    }
+    if (V == GEMV_ONLY) {
+        for (int i = threadIdx.x; i < nb * 256; i += blockDim.x) q[i] = (int8_t)(i & 7);
+        if (threadIdx.x == 0) scale = 1.0f, qsum = 0;
+    } else if (V == PDL) {
+        prefetch_group(m0, m1, m2, group, nb);
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256);
+    } else {
+        auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
+        quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256, prefetch);
+    }
+    __syncthreads();
+    if (V == PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (V == PROLOGUE) {
+        if (threadIdx.x == 0) store_out(m0.y, blockIdx.x % m0.out, q[blockIdx.x % k] * scale + qsum);
+        return;
+    }
+    gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, 0);
+}
+
+struct Mat {
+    uint8_t* w = nullptr;
+    int out = 0;
+};
+
+static Mat matrix(int out, int k) {
+    Mat m;
+    m.out = out;
+    const size_t bytes = (size_t)((out + 3) / 4) * ((k + 255) / 256) * 256;
+    CK(cudaMalloc(&m.w, bytes));
+    std::vector<uint8_t> h(bytes);
+    for (auto& b : h) {
+        b = 0;
+        for (int j = 0; j < 4; ++j) b |= (uint8_t)((rand() % 3) << (2 * j));
+    }
+    CK(cudaMemcpy(m.w, h.data(), bytes, cudaMemcpyHostToDevice));
+    return m;
+}
+
+static bf* vector_of(int n, float lo, float hi) {
+    bf* p;
+    CK(cudaMalloc(&p, n * sizeof(bf)));
+    std::vector<bf> h(n);
+    for (auto& v : h) v = __float2bfloat16(lo + (hi - lo) * (rand() / (float)RAND_MAX));
+    CK(cudaMemcpy(p, h.data(), n * sizeof(bf), cudaMemcpyHostToDevice));
+    return p;
+}
+
+struct Layer {
+    Mat q, k, v, o, gate, up, down;
+    bf *input_norm, *attn_sub_norm, *post_norm, *ffn_sub_norm;
+};
+
+// One fused GEMV launch of variant v over up to three matrices sharing the input.
+template <int REGS>
+static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, bf* yc,
+                   const bf* x, const bf* r, int mode, bf* so, const bf* w, int k) {
+    const int nb = (k + 255) / 256;
+    const int groups = (a.out + 3) / 4 + (b.out + 3) / 4 + (c.out + 3) / 4;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((groups + 7) / 8);
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = nb * 256;
+    cfg.stream = st;
+    cfg.attrs = attr;
+    cfg.numAttrs = v == PDL ? 1 : 0;
+    const GemvMat<bf> m0{a.w, ya, a.out, 0.7f}, m1{b.w, yb, b.out, 0.9f}, m2{c.w, yc, c.out, 1.1f};
+    const float eps = 1e-5f;
+    switch (v) {
+        case SHIPPED:
+        case ALLOC_NODES:
+            if (REGS == 12)
+                CK(cudaLaunchKernelEx(&cfg, bitnet_gemv_fused12_bf16, a.w, ya, a.out, 0.7f, b.w,
+                                      yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
+                                      eps, k, nb, 0));
+            else
+                CK(cudaLaunchKernelEx(&cfg, bitnet_gemv_fused28_bf16, a.w, ya, a.out, 0.7f, b.w,
+                                      yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
+                                      eps, k, nb, 0));
+            break;
+        case EMPTY:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, EMPTY>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case PROLOGUE:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PROLOGUE>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case GEMV_ONLY:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, GEMV_ONLY>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        default:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PDL>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+    }
+}
+
+int main() {
+    const int layers = 30, hidden = 2560, kv = 640, ffn = 6912;
+    srand(1);
+    std::vector<Layer> ls(layers);
+    for (auto& l : ls) {
+        l.q = matrix(hidden, hidden), l.k = matrix(kv, hidden), l.v = matrix(kv, hidden);
+        l.o = matrix(hidden, hidden);
+        l.gate = matrix(ffn, hidden), l.up = matrix(ffn, hidden), l.down = matrix(hidden, ffn);
+        l.input_norm = vector_of(hidden, 0.5f, 1.5f), l.attn_sub_norm = vector_of(hidden, 0.5f, 1.5f);
+        l.post_norm = vector_of(hidden, 0.5f, 1.5f), l.ffn_sub_norm = vector_of(ffn, 0.5f, 1.5f);
+    }
+    const bf *x0 = vector_of(hidden, -1, 1), *mlp0 = vector_of(hidden, -1, 1);
+    // The step's activations; ALLOC_NODES swaps in fresh allocations while recording.
+    struct Bufs {
+        bf *h0, *h1, *mlp, *q, *k, *v, *o, *gate, *up;
+    } fixed{vector_of(hidden, 0, 0), vector_of(hidden, 0, 0), vector_of(hidden, 0, 0),
+            vector_of(hidden, 0, 0), vector_of(kv, 0, 0),     vector_of(kv, 0, 0),
+            vector_of(hidden, 0, 0), vector_of(ffn, 0, 0),    vector_of(ffn, 0, 0)};
+    const Mat none;
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+
+    // kernel < 0: all four per layer; else only that one (0 q/k/v, 1 o, 2 gate/up, 3 down).
+    auto record = [&](int v, int kernel) {
+        Bufs b = fixed;
+        CK(cudaMemcpyAsync(b.h0, x0, hidden * sizeof(bf), cudaMemcpyDeviceToDevice, st));
+        CK(cudaMemcpyAsync(b.mlp, mlp0, hidden * sizeof(bf), cudaMemcpyDeviceToDevice, st));
+        auto fresh = [&](bf*& p, int n) {
+            if (v == ALLOC_NODES) CK(cudaMallocAsync((void**)&p, n * sizeof(bf), st));
+        };
+        for (auto& l : ls) {
+            // The residual stream alternates between h0 and h1, as the model's does.
+            if (kernel < 0 || kernel == 0) {
+                fresh(b.q, hidden), fresh(b.k, kv), fresh(b.v, kv), fresh(b.h1, hidden);
+                launch<12>(v, st, l.q, b.q, l.k, b.k, l.v, b.v, b.h0, b.mlp, INPUT_ADD, b.h1,
+                           l.input_norm, hidden);
+            }
+            if (kernel < 0 || kernel == 1) {
+                fresh(b.o, hidden);
+                launch<12>(v, st, l.o, b.o, none, nullptr, none, nullptr, b.q, b.q, INPUT_PLAIN,
+                           nullptr, l.attn_sub_norm, hidden);
+            }
+            if (kernel < 0 || kernel == 2) {
+                fresh(b.gate, ffn), fresh(b.up, ffn), fresh(b.h0, hidden);
+                launch<12>(v, st, l.gate, b.gate, l.up, b.up, none, nullptr, b.h1, b.o,
+                           INPUT_ADD, b.h0, l.post_norm, hidden);
+            }
+            if (kernel < 0 || kernel == 3) {
+                fresh(b.mlp, hidden);
+                launch<28>(v, st, l.down, b.mlp, none, nullptr, none, nullptr, b.gate, b.up,
+                           INPUT_RELU2_MUL, nullptr, l.ffn_sub_norm, ffn);
+            }
+        }
+    };
+
+    const char* kernels[] = {"all four", "q/k/v", "o", "gate/up", "down"};
+    for (int kernel = -1; kernel < 4; ++kernel) {
+        printf("\n%s (30 layers, one graph)\n", kernels[kernel + 1]);
+        printf("| variant | us per layer | min | max | checksum |\n|---|---:|---:|---:|---|\n");
+        for (int v = 0; v < VARIANTS; ++v) {
+            if (v == ALLOC_NODES && kernel >= 0) continue;
+            cudaGraph_t g;
+            cudaGraphExec_t exec;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            record(v, kernel);
+            CK(cudaStreamEndCapture(st, &g));
+            CK(cudaGraphInstantiate(&exec, g, cudaGraphInstantiateFlagAutoFreeOnLaunch));
+            for (int i = 0; i < 5; ++i) CK(cudaGraphLaunch(exec, st));
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0));
+            CK(cudaEventCreate(&e1));
+            std::vector<float> ms;
+            for (int i = 0; i < 31; ++i) {
+                CK(cudaEventRecord(e0, st));
+                CK(cudaGraphLaunch(exec, st));
+                CK(cudaEventRecord(e1, st));
+                CK(cudaEventSynchronize(e1));
+                float t;
+                CK(cudaEventElapsedTime(&t, e0, e1));
+                ms.push_back(t);
+            }
+            std::sort(ms.begin(), ms.end());
+            // The last layer's outputs (not meaningful for ALLOC_NODES, whose outputs are freed).
+            std::vector<uint16_t> out(hidden), res(hidden);
+            CK(cudaMemcpy(out.data(), fixed.mlp, hidden * 2, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(res.data(), fixed.h0, hidden * 2, cudaMemcpyDeviceToHost));
+            unsigned long long sum = 0;
+            for (int i = 0; i < hidden; ++i) sum = sum * 1000003ull + out[i] * 65537ull + res[i];
+            printf("| %s | %.2f | %.2f | %.2f | %016llx |\n", kVariantName[v], ms[15] * 1e3 / layers,
+                   ms[0] * 1e3 / layers, ms[30] * 1e3 / layers, sum);
+            CK(cudaEventDestroy(e0));
+            CK(cudaEventDestroy(e1));
+            CK(cudaGraphExecDestroy(exec));
+            CK(cudaGraphDestroy(g));
+        }
+    }
+    return 0;
+}
