@@ -997,3 +997,75 @@ extern "C" __global__ void bitnet_relu2_mul_bf16(const __nv_bfloat16* g, const _
                                                  __nv_bfloat16* y, int n) {
     relu2_mul(g, u, y, n);
 }
+
+// ---------------------------------------------------------------------------------------------
+// (i) Greedy decoding on the device (src/cuda/greedy.rs). A decode step's state is two u32s in
+// device memory, [token, position]: the step embeds `token` (bitnet_embed_row), runs at
+// `position`, and bitnet_greedy_next replaces `token` by the argmax of the logits and advances
+// `position`, so the next replay of a recorded step needs nothing from the host.
+// ---------------------------------------------------------------------------------------------
+
+// Row state[0] of a BF16 table [rows, cols] as T (exact: every bf16 is an f32 and a bf16); zeros
+// for an id out of range (bitnet_greedy_next's NaN marker), which the host reports as an error.
+template <typename T>
+__device__ void embed_row(const __nv_bfloat16* __restrict__ table, const uint32_t* state,
+                          T* __restrict__ out, int rows, int cols) {
+    const uint32_t id = state[0];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < cols)
+        store_out(out, i, id < (uint32_t)rows ? __bfloat162float(table[(size_t)id * cols + i]) : 0.0f);
+}
+
+extern "C" __global__ void bitnet_embed_row_f32(const __nv_bfloat16* table, const uint32_t* state,
+                                                float* out, int rows, int cols) {
+    embed_row(table, state, out, rows, cols);
+}
+extern "C" __global__ void bitnet_embed_row_bf16(const __nv_bfloat16* table, const uint32_t* state,
+                                                 __nv_bfloat16* out, int rows, int cols) {
+    embed_row(table, state, out, rows, cols);
+}
+
+// A logit and its index as one key whose maximum is the largest logit at the smallest index,
+// the host sampler's argmax (`>` over ascending indices, as torch.argmax): the high word orders
+// floats as integers (negative ones bit-flipped; -0 counts as +0, which `>` cannot tell apart),
+// the low word is the complement of the index.
+__device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
+    const uint32_t u = __float_as_uint(v == 0.0f ? 0.0f : v);
+    const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)ord << 32) | (0xffffffffu - (uint32_t)i);
+}
+
+#define GREEDY_THREADS 1024
+
+// One block: state[0] = argmax of logits[0..n) (0xffffffff if any is NaN), state[1] += 1.
+extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
+    bitnet_greedy_next(const float* __restrict__ logits, int n, uint32_t* state) {
+    __shared__ unsigned long long best[GREEDY_THREADS / 32];
+    unsigned long long key = 0;
+    int nan = 0;
+    const int n4 = (reinterpret_cast<size_t>(logits) & 15) == 0 ? n >> 2 : 0;
+    for (int c = threadIdx.x; c < n4; c += GREEDY_THREADS) {
+        const float4 v = reinterpret_cast<const float4*>(logits)[c];
+        const float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            nan |= isnan(e[j]);
+            key = max(key, argmax_key(e[j], 4 * c + j));
+        }
+    }
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += GREEDY_THREADS) {
+        nan |= isnan(logits[i]);
+        key = max(key, argmax_key(logits[i], i));
+    }
+    for (int o = 16; o > 0; o >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, o));
+    if ((threadIdx.x & 31) == 0) best[threadIdx.x >> 5] = key;
+    nan = __syncthreads_or(nan);
+    if (threadIdx.x < 32) {
+        key = best[threadIdx.x];
+        for (int o = 16; o > 0; o >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, o));
+        if (threadIdx.x == 0) {
+            state[0] = nan ? 0xffffffffu : 0xffffffffu - (uint32_t)key;
+            state[1] += 1;
+        }
+    }
+}

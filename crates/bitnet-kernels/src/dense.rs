@@ -172,6 +172,24 @@ impl Bf16LinearOp {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1_no_bwd(self)
     }
+
+    /// The matrix.
+    pub fn weight(&self) -> &Arc<Bf16Matrix> {
+        &self.weight
+    }
+
+    /// Row `state[0]` as `[1, cols]` in `dtype` (f32 or bf16), looked up on the GPU that holds
+    /// `state` (a `[token, position]` u32 tensor, see [`crate::cuda::greedy`]) from the same
+    /// device copy the products use: a tied embedding is uploaded once.
+    #[cfg(feature = "cuda")]
+    pub fn embed_row(
+        &self,
+        state: &Tensor,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Tensor> {
+        let w = &self.weight;
+        crate::cuda::greedy::embed_row(&w.data, (w.rows, w.cols), &self.gpu, state, dtype)
+    }
 }
 
 impl CustomOp1 for Bf16LinearOp {

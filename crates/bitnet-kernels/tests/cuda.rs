@@ -800,3 +800,92 @@ fn linears_shared_matches_separate_ops() {
         }
     }
 }
+
+/// The host sampler's greedy pick: the first index of the largest logit.
+fn first_argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn greedy_next_and_embed_row_match_the_host() {
+    use cuda::greedy::{self, TokenReadback, NAN_TOKEN};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut readback = TokenReadback::new(dev).unwrap();
+    for n in [1, 3, 1023, 1024, 1025, 4097, 128_256] {
+        let mut cases: Vec<Vec<f32>> = vec![(0..n).map(|_| rng.random_range(-8.0..8.0)).collect()];
+        // Ties (the first wins), -0 against +0 (equal), all equal, the maximum last.
+        let mut tied: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+        if n > 2 {
+            tied[n - 1] = 6.0;
+        }
+        cases.push(tied);
+        let mut zeros = vec![-1.0f32; n];
+        zeros[n / 2] = -0.0;
+        zeros[n - 1] = 0.0;
+        cases.push(zeros);
+        cases.push(vec![f32::NEG_INFINITY; n]);
+        let mut last = vec![0.5f32; n];
+        last[n - 1] = 0.75;
+        cases.push(last);
+        for (c, x) in cases.iter().enumerate() {
+            let logits = Tensor::from_slice(x, (1, n), dev).unwrap();
+            let state = Tensor::new(&[7u32, 41], dev).unwrap();
+            greedy::greedy_next(&state, &logits).unwrap();
+            readback.queue(&state).unwrap();
+            let want = first_argmax(x);
+            assert_eq!(readback.wait().unwrap(), want, "n {n} case {c}");
+            assert_eq!(
+                state.to_vec1::<u32>().unwrap(),
+                [want, 42],
+                "n {n} case {c}"
+            );
+        }
+        let mut nan: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        nan[rng.random_range(0..n)] = f32::NAN;
+        let state = Tensor::new(&[0u32, 0], dev).unwrap();
+        greedy::greedy_next(&state, &Tensor::from_slice(&nan, n, dev).unwrap()).unwrap();
+        assert_eq!(state.to_vec1::<u32>().unwrap(), [NAN_TOKEN, 1], "n {n} NaN");
+    }
+    // A state that is a view at an offset (as a position read by attention is).
+    let buf = Tensor::new(&[9u32, 9, 3, 5], dev).unwrap();
+    let state = buf.narrow(0, 2, 2).unwrap();
+    let x = Tensor::new(&[1f32, 4.0, 2.0], dev).unwrap();
+    greedy::greedy_next(&state, &x).unwrap();
+    assert_eq!(buf.to_vec1::<u32>().unwrap(), [9, 9, 1, 6]);
+    assert!(greedy::greedy_next(&buf, &x).is_err(), "four-element state");
+
+    // Rows of a ragged table, f32 and bf16, and zeros for the NaN marker.
+    let (rows, cols) = (37, 300);
+    let values = random_bf16(&mut rng, rows * cols);
+    let op = Bf16LinearOp::new(Arc::new(
+        Bf16Matrix::new(values.clone(), rows, cols).unwrap(),
+    ));
+    for id in [0u32, 5, 36, NAN_TOKEN, 37] {
+        let state = Tensor::new(&[id, 0], dev).unwrap();
+        let f = op.embed_row(&state, DType::F32).unwrap();
+        let b = op.embed_row(&state, DType::BF16).unwrap();
+        assert_eq!(f.dims(), [1, cols]);
+        let want: Vec<bf16> = match values.chunks(cols).nth(id as usize) {
+            Some(row) => row.to_vec(),
+            None => vec![bf16::ZERO; cols],
+        };
+        let wf: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(
+            f.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wf,
+            "id {id}"
+        );
+        assert_eq!(
+            b.flatten_all().unwrap().to_vec1::<bf16>().unwrap(),
+            want,
+            "id {id}"
+        );
+    }
+}

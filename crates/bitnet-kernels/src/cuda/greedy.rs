@@ -1,0 +1,179 @@
+//! Greedy decoding on the device: the token pick and the next step's embedding lookup.
+//!
+//! A decode step that copies its logits to the host (513 KB for the 2B-4T vocabulary), picks
+//! the token there and uploads the next embedded row leaves the GPU idle between steps. With
+//! the argmax and the lookup on the GPU, a recorded step ([`super::Graph`]) reads its input
+//! from a two-element u32 **state** tensor `[token, position]` and leaves the next one there,
+//! so the host can queue step `n + 1` before it has read step `n`'s token (four bytes).
+//!
+//! [`TokenReadback`] is that read: a pinned host word the stream copies the token into, waited
+//! on by an event, so reading step `n` does not wait for step `n + 1`.
+//!
+//! [`greedy_next`] is the host sampler's greedy choice exactly: the first index of the largest
+//! logit (`torch.argmax`), with NaN reported ([`NAN_TOKEN`]) instead of picked.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PinnedHostSlice, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use super::{cfg, contiguous, func, i32_arg, DeviceCache};
+use crate::error::KernelError;
+
+/// The token [`greedy_next`] writes when a logit is NaN (never a valid id).
+pub const NAN_TOKEN: u32 = u32::MAX;
+
+/// Threads of `bitnet_greedy_next` (`GREEDY_THREADS` in kernels/bitnet.cu).
+const GREEDY_THREADS: usize = 1024;
+
+/// One launch: `state[0]` ← the argmax of `logits` (f32, one row `[1, vocab]` or `[vocab]`, on
+/// the state's device; the first index on ties, [`NAN_TOKEN`] if any logit is NaN) and
+/// `state[1]` += 1. `state` is a contiguous two-element u32 tensor `[token, position]`.
+pub fn greedy_next(state: &Tensor, logits: &Tensor) -> Result<()> {
+    state.inplace_op2(&logits.contiguous()?, &GreedyNext)
+}
+
+struct GreedyNext;
+
+/// The `[token, position]` pair of a state tensor.
+fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    let (a, b) = contiguous(l, what)?;
+    if b - a != 2 {
+        candle_core::bail!("{what}: expected a two-element [token, position] tensor");
+    }
+    Ok((a, b))
+}
+
+impl candle_core::InplaceOp2 for GreedyNext {
+    fn name(&self) -> &'static str {
+        "greedy-next"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("greedy_next runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        state: &mut CudaStorage,
+        sl: &Layout,
+        logits: &CudaStorage,
+        ll: &Layout,
+    ) -> Result<()> {
+        if state.dtype() != DType::U32 || logits.dtype() != DType::F32 {
+            candle_core::bail!(
+                "greedy_next: expected a u32 state and f32 logits, got {} and {}",
+                state.dtype().as_str(),
+                logits.dtype().as_str()
+            );
+        }
+        let (s0, s1) = state_range(sl, "greedy_next state")?;
+        let (l0, l1) = contiguous(ll, "greedy_next logits")?;
+        if l1 == l0 {
+            candle_core::bail!("greedy_next: no logits");
+        }
+        let dev = logits.device().clone();
+        let n = i32_arg(l1 - l0)?;
+        let x = logits.as_cuda_slice::<f32>()?.slice(l0..l1);
+        let mut st = state.as_cuda_slice_mut::<u32>()?.slice_mut(s0..s1);
+        let f = func(&dev, "bitnet_greedy_next")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&n).arg(&mut st);
+        // SAFETY: argument types match the kernel; it reads n logits and writes the state.
+        unsafe { b.launch(cfg((1, 1), GREEDY_THREADS)) }.w()?;
+        Ok(())
+    }
+}
+
+/// `Bf16LinearOp::embed_row`: row `state[0]` of the BF16 table `[rows, cols]` (uploaded once
+/// into `cache`, shared with the op's products) as a `[1, cols]` tensor of `dtype` (f32 or bf16),
+/// read on the device. An id out of range (only [`NAN_TOKEN`] can be) gives zeros.
+pub(crate) fn embed_row(
+    table: &[bf16],
+    (rows, cols): (usize, usize),
+    cache: &DeviceCache<bf16>,
+    state: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (guard, sl) = state.storage_and_layout();
+    let candle_core::Storage::Cuda(ss) = &*guard else {
+        candle_core::bail!("embed_row: the state must be on a CUDA device");
+    };
+    if ss.dtype() != DType::U32 {
+        candle_core::bail!("embed_row: the state must be u32");
+    }
+    let (s0, s1) = state_range(sl, "embed_row state")?;
+    let dev = ss.device().clone();
+    let wbuf = cache.get_or_upload(&dev, table, bf16::ZERO)?;
+    let wbuf: &CudaSlice<bf16> = &wbuf;
+    let st = ss.as_cuda_slice::<u32>()?.slice(s0..s1);
+    let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
+    let grid = (cols.div_ceil(256).max(1), 1);
+    let stream = dev.cuda_stream();
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            // SAFETY: the kernel writes every one of the `cols` elements.
+            let mut out = unsafe { dev.alloc::<$t>(cols.max(1))? };
+            let f = func(&dev, $name)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(wbuf).arg(&st).arg(&mut out).arg(&ri).arg(&ci);
+            // SAFETY: argument types match the kernel's signature.
+            unsafe { b.launch(cfg(grid, 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match dtype {
+        DType::F32 => run!(f32, "bitnet_embed_row_f32"),
+        DType::BF16 => run!(bf16, "bitnet_embed_row_bf16"),
+        other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
+    };
+    drop(guard);
+    Ok(Tensor::from_storage(
+        candle_core::Storage::Cuda(out),
+        Shape::from((1, cols)),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// A pinned host word that receives a state's token in stream order (see the module docs).
+#[derive(Debug)]
+pub struct TokenReadback {
+    host: PinnedHostSlice<u32>,
+}
+
+impl TokenReadback {
+    /// A readback for the CUDA device `device`.
+    pub fn new(device: &candle_core::Device) -> Result<Self> {
+        let dev = device.as_cuda_device()?;
+        // SAFETY: the word is written by `queue`'s copy before `wait` reads it. Flags 0: plain
+        // page-locked memory (the default, write-combined, is slow for the host to read).
+        let host = unsafe { dev.cuda_stream().context().alloc_pinned_with_flags(1, 0) }.w()?;
+        Ok(Self { host })
+    }
+
+    /// Queues the copy of `state[0]` behind the work queued so far on the state's device.
+    pub fn queue(&mut self, state: &Tensor) -> Result<()> {
+        let (guard, sl) = state.storage_and_layout();
+        let candle_core::Storage::Cuda(ss) = &*guard else {
+            candle_core::bail!("TokenReadback: the state must be on a CUDA device");
+        };
+        if ss.dtype() != DType::U32 {
+            candle_core::bail!("TokenReadback: the state must be u32");
+        }
+        let (s0, _) = state_range(sl, "TokenReadback state")?;
+        let token = ss.as_cuda_slice::<u32>()?.slice(s0..s0 + 1);
+        ss.device()
+            .cuda_stream()
+            .memcpy_dtoh(&token, &mut self.host)
+            .w()
+    }
+
+    /// Waits for the last queued copy (not for what was queued after it) and returns the token.
+    pub fn wait(&self) -> Result<u32> {
+        let v = self.host.as_slice().w()?;
+        Ok(v.first().copied().unwrap_or(NAN_TOKEN))
+    }
+}
