@@ -19,7 +19,9 @@ pub struct Args {
     #[arg(long, short = 'p', default_value_t = 128, value_name = "N")]
     pub prompt_len: usize,
 
-    /// Generation test tgN: N single-token forward passes from an empty cache (0 skips it).
+    /// Generation test tgN: N single-token forward passes from an empty cache, each copying its
+    /// logits to the host as sampling does (0 skips it). On CUDA a second row, "tgN greedy",
+    /// decodes N tokens as `generate --temperature 0` does, with the argmax on the GPU.
     #[arg(long, short = 'n', default_value_t = 64, value_name = "N")]
     pub gen: usize,
 
@@ -100,6 +102,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(tokens.len() as f64 / start.elapsed().as_secs_f64())
         })?;
         rows.push((format!("tg{}", args.gen), rates));
+        if model.device().is_cuda() {
+            // What `generate` runs at temperature 0: the argmax stays on the GPU.
+            let rates = repeat(args.repetitions, || {
+                let start = Instant::now();
+                model.clear_cache();
+                bitnet_model::generation::decode_greedy(
+                    &mut model,
+                    tokens[0],
+                    0,
+                    args.gen,
+                    |_| Ok(true),
+                )?;
+                Ok(args.gen as f64 / start.elapsed().as_secs_f64())
+            })?;
+            rows.push((format!("tg{} greedy", args.gen), rates));
+        }
     }
 
     let mut out = String::new();

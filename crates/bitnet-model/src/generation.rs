@@ -100,6 +100,12 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
+    /// True when every pick is the plain argmax (temperature 0, no repetition penalty), so
+    /// [`generate`] can use [`decode_greedy`].
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 && self.params.repeat_penalty == 1.0
+    }
+
     /// The next token given one position's logits and the tokens so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let p = &self.params;
@@ -117,9 +123,7 @@ impl Sampler {
                 }
             }
         }
-        if logits.iter().any(|l| l.is_nan()) {
-            return Err(candle_core::Error::Msg("the model produced NaN logits".into()).into());
-        }
+        check_nan(&logits)?;
         if p.temperature == 0.0 {
             return Ok(argmax(&logits));
         }
@@ -159,6 +163,14 @@ impl Sampler {
         }
         Ok(order[probs.len() - 1] as u32)
     }
+}
+
+/// NaN logits have no argmax or distribution: an error rather than an arbitrary token.
+fn check_nan(logits: &[f32]) -> Result<()> {
+    if logits.iter().any(|l| l.is_nan()) {
+        return Err(candle_core::Error::Msg("the model produced NaN logits".into()).into());
+    }
+    Ok(())
 }
 
 /// Index of the largest logit (the first one on ties).
@@ -302,22 +314,41 @@ pub fn generate(
     // Ids stay on the host: the model checks them there anyway, and on a GPU a decode step
     // uploads only the embedded row.
     let device = Device::Cpu;
-    let mut history = prompt.to_vec();
-    let mut stream = TextStream::new(tokenizer);
-    let mut pending = String::new();
-    let mut generated = Generated {
-        tokens: Vec::new(),
-        text: String::new(),
-        prefill: Duration::ZERO,
-        decode: Duration::ZERO,
-        stop: StopReason::MaxTokens,
+    let mut out = Output {
+        history: prompt.to_vec(),
+        stream: TextStream::new(tokenizer),
+        pending: String::new(),
+        generated: Generated {
+            tokens: Vec::new(),
+            text: String::new(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            stop: StopReason::MaxTokens,
+        },
+        options,
+        on_text: &mut on_text,
     };
     let start = Instant::now();
     let mut input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let mut position = offset;
+    let mut last = 0;
     for step in 0..options.max_tokens {
         if position + input.dim(1)? > context {
-            generated.stop = StopReason::ContextFull;
+            out.generated.stop = StopReason::ContextFull;
+            break;
+        }
+        if step > 0 && sampler.is_greedy() {
+            // The same tokens, through the loop that keeps a GPU busy (see `decode_greedy`).
+            let wanted = options.max_tokens - step;
+            let budget = wanted.min(context - position);
+            let mut stopped = false;
+            decode_greedy(model, last, position, budget, |t| {
+                stopped = !out.accept(t)?;
+                Ok(!stopped)
+            })?;
+            if !stopped && budget < wanted {
+                out.generated.stop = StopReason::ContextFull;
+            }
             break;
         }
         let logits = model
@@ -325,37 +356,109 @@ pub fn generate(
             .squeeze(0)?
             .to_vec1::<f32>()?;
         position += input.dim(1)?;
-        let token = sampler.sample(&logits, &history)?;
+        let token = sampler.sample(&logits, &out.history)?;
         if step == 0 {
-            generated.prefill = start.elapsed();
+            out.generated.prefill = start.elapsed();
         }
-        if options.stop_tokens.contains(&token) {
-            generated.stop = StopReason::Token(token);
+        if !out.accept(token)? {
             break;
         }
-        history.push(token);
-        generated.tokens.push(token);
-        if let Some(text) = stream.push(token)? {
-            pending.push_str(&text);
-        }
-        if let Some(stop) = emit_until_stop(
-            &mut pending,
-            &mut generated.text,
-            &options.stop_strings,
-            &mut on_text,
-        ) {
-            generated.stop = StopReason::String(stop);
-            break;
-        }
+        last = token;
         input = Tensor::new(&[token], &device)?.unsqueeze(0)?;
     }
-    if !matches!(generated.stop, StopReason::String(_)) {
-        pending.push_str(&stream.finish()?);
-        on_text(&pending);
-        generated.text.push_str(&pending);
-    }
+    let mut generated = out.finish()?;
     generated.decode = start.elapsed().saturating_sub(generated.prefill);
     Ok(generated)
+}
+
+/// Greedy decoding from `token` at position `offset`: feeds it, then each next token (the
+/// argmax, as [`Sampler`] picks at temperature 0 without a repetition penalty), passing every
+/// new token to `on_token` until it returns false or `max_tokens` were produced. Returns how
+/// many were. The KV cache then holds `offset + produced` positions (the last token is not
+/// fed), as after the same steps through [`ForCausalLM::forward`].
+///
+/// On a CUDA model with a BF16 embedding the argmax and the embedding lookup run on the GPU,
+/// and each step is queued before the previous token is read (docs/CUDA.md); elsewhere each
+/// step is a [`ForCausalLM::forward`] and an argmax on the host. The tokens are the same.
+pub fn decode_greedy(
+    model: &mut ForCausalLM,
+    token: u32,
+    offset: usize,
+    max_tokens: usize,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<usize> {
+    let context = model.max_context();
+    if offset + max_tokens > context {
+        return Err(Error::InvalidArgument {
+            name: "max_tokens",
+            value: format!("{max_tokens} (from position {offset})"),
+            reason: format!("exceeds the model's context of {context} tokens"),
+        });
+    }
+    #[cfg(feature = "cuda")]
+    if model.greedy_on_cuda() {
+        return model.decode_greedy_cuda(token, offset, max_tokens, on_token);
+    }
+    let mut token = token;
+    for i in 0..max_tokens {
+        let ids = Tensor::new(&[[token]], &Device::Cpu)?;
+        let logits = model
+            .forward(&ids, offset + i)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        check_nan(&logits)?;
+        token = argmax(&logits);
+        if !on_token(token)? {
+            return Ok(i + 1);
+        }
+    }
+    Ok(max_tokens)
+}
+
+/// What [`generate`] has produced so far, and where its text goes.
+struct Output<'a, F> {
+    /// Prompt and generated tokens (for the repetition penalty).
+    history: Vec<u32>,
+    stream: TextStream<'a>,
+    /// Text not yet passed on: it could be the start of a stop string.
+    pending: String,
+    generated: Generated,
+    options: &'a GenerateOptions,
+    on_text: F,
+}
+
+impl<F: FnMut(&str)> Output<'_, F> {
+    /// Takes `token` unless it stops generation; false (with `generated.stop` set) if it does.
+    fn accept(&mut self, token: u32) -> Result<bool> {
+        if self.options.stop_tokens.contains(&token) {
+            self.generated.stop = StopReason::Token(token);
+            return Ok(false);
+        }
+        self.history.push(token);
+        self.generated.tokens.push(token);
+        if let Some(text) = self.stream.push(token)? {
+            self.pending.push_str(&text);
+        }
+        let stops = &self.options.stop_strings;
+        let out = &mut self.generated.text;
+        match emit_until_stop(&mut self.pending, out, stops, &mut self.on_text) {
+            Some(stop) => {
+                self.generated.stop = StopReason::String(stop);
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
+    /// Passes on the text still held back (none after a stop string: it is dropped).
+    fn finish(mut self) -> Result<Generated> {
+        if !matches!(self.generated.stop, StopReason::String(_)) {
+            self.pending.push_str(&self.stream.finish()?);
+            (self.on_text)(&self.pending);
+            self.generated.text.push_str(&self.pending);
+        }
+        Ok(self.generated)
+    }
 }
 
 /// Moves text from `pending` to `out` (and `on_text`), except a tail that could still become a

@@ -56,9 +56,7 @@ impl HeadFormat {
         cols: usize,
     ) -> bitnet_kernels::Result<Table> {
         Ok(match self {
-            HeadFormat::Exact => {
-                Table::Bf16(Arc::new(Bf16Matrix::new(values.to_vec(), rows, cols)?))
-            }
+            HeadFormat::Exact => Table::bf16(Bf16Matrix::new(values.to_vec(), rows, cols)?),
             HeadFormat::Q8 => Table::Q8(Arc::new(I8Matrix::quantize(values, rows, cols)?)),
             HeadFormat::Q4 => Table::Q4(Arc::new(Q4Matrix::quantize(values, rows, cols)?)),
         })
@@ -68,8 +66,9 @@ impl HeadFormat {
 /// A `[rows, cols]` float table.
 #[derive(Clone, Debug)]
 pub(crate) enum Table {
-    /// BF16 values on the CPU, in the kernel crate's layout.
-    Bf16(Arc<Bf16Matrix>),
+    /// BF16 values on the CPU, in the kernel crate's layout, with the op that multiplies by
+    /// them (and holds their GPU copy, so a tied embedding and head upload it once).
+    Bf16(Bf16LinearOp),
     /// An f32 tensor on the model's device.
     F32(Tensor),
     /// Int8 rows with per-row scales on the CPU ([`HeadFormat::Q8`]).
@@ -77,6 +76,12 @@ pub(crate) enum Table {
     /// 4-bit rows with f16 block scales ([`HeadFormat::Q4`]), held on the CPU and copied to a
     /// GPU on first use there.
     Q4(Arc<Q4Matrix>),
+}
+
+impl Table {
+    pub(crate) fn bf16(m: Bf16Matrix) -> Self {
+        Table::Bf16(Bf16LinearOp::new(Arc::new(m)))
+    }
 }
 
 /// Token embedding: rows of a [`Table`], cast to the model dtype.
@@ -117,9 +122,12 @@ impl Embedding {
             Table::F32(t) => t
                 .index_select(&ids.to_device(t.device())?, 0)?
                 .to_dtype(self.dtype),
-            Table::Bf16(m) => self.gather(&ids, m.rows(), m.cols(), |i| {
-                m.row(i).map(|r| r.iter().map(|v| v.to_f32()).collect())
-            }),
+            Table::Bf16(op) => {
+                let m = op.weight();
+                self.gather(&ids, m.rows(), m.cols(), |i| {
+                    m.row(i).map(|r| r.iter().map(|v| v.to_f32()).collect())
+                })
+            }
             Table::Q8(m) => self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i)),
             Table::Q4(m) => self.gather(&ids, m.rows(), m.cols(), |i| m.row_f32(i)),
         }
@@ -150,20 +158,46 @@ impl Embedding {
     pub(crate) fn device(&self) -> &Device {
         &self.device
     }
+
+    /// The table when rows are looked up on the GPU (a BF16 table on a CUDA model): the op
+    /// that holds its device copy. The exact rows of a quantized tied head and F32 tables are
+    /// read on the host.
+    #[cfg(feature = "cuda")]
+    fn device_table(&self) -> Option<&Bf16LinearOp> {
+        match (&self.table, &self.exact) {
+            (Table::Bf16(op), None) if self.device.is_cuda() => Some(op),
+            _ => None,
+        }
+    }
+
+    /// True when [`Embedding::forward_on_device`] works.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn looks_up_on_device(&self) -> bool {
+        self.device_table().is_some()
+    }
+
+    /// Row `state[0]` as `[1, cols]` in the model dtype, looked up on the GPU that holds the
+    /// `[token, position]` state (see `bitnet_kernels::cuda::greedy`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_on_device(&self, state: &Tensor) -> candle_core::Result<Tensor> {
+        match self.device_table() {
+            Some(op) => op.embed_row(state, self.dtype),
+            None => candle_core::bail!("this embedding table is read on the host"),
+        }
+    }
 }
 
 /// The LM head `x · Wᵀ` over a `[vocab, hidden]` [`Table`], always producing f32 logits.
 #[derive(Clone, Debug)]
 pub(crate) struct LmHead {
     table: Table,
-    op: Option<Bf16LinearOp>,
 }
 
 impl LmHead {
     /// Bytes of the head matrix, all of which one decoded token reads.
     pub(crate) fn storage_bytes(&self) -> usize {
         match &self.table {
-            Table::Bf16(m) => m.storage_bytes(),
+            Table::Bf16(op) => op.weight().storage_bytes(),
             Table::F32(t) => t.elem_count() * 4,
             Table::Q8(m) => m.storage_bytes(),
             Table::Q4(m) => m.storage_bytes(),
@@ -171,25 +205,20 @@ impl LmHead {
     }
 
     pub(crate) fn new(table: Table) -> Self {
-        let op = match &table {
-            Table::Bf16(m) => Some(Bf16LinearOp::new(m.clone())),
-            Table::F32(_) | Table::Q8(_) | Table::Q4(_) => None,
-        };
-        Self { table, op }
+        Self { table }
     }
 
     /// `x` `[m, hidden]` (any float dtype) → logits `[m, vocab]` in f32.
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let m = x.dim(0)?;
-        match (&self.table, &self.op) {
-            (Table::F32(w), _) => x.matmul(&w.t()?),
-            (Table::Q8(w), _) => I8LinearOp::new(w.clone()).forward(&x),
-            (Table::Q4(w), _) => Q4LinearOp::new(w.clone()).forward(&x),
-            (Table::Bf16(_), Some(op)) if m <= GEMV_MAX_ROWS || !x.device().is_cpu() => {
-                op.forward(&x)
-            }
-            (Table::Bf16(w), _) => {
+        match &self.table {
+            Table::F32(w) => x.matmul(&w.t()?),
+            Table::Q8(w) => I8LinearOp::new(w.clone()).forward(&x),
+            Table::Q4(w) => Q4LinearOp::new(w.clone()).forward(&x),
+            Table::Bf16(op) if m <= GEMV_MAX_ROWS || !x.device().is_cpu() => op.forward(&x),
+            Table::Bf16(op) => {
+                let w = op.weight();
                 let (rows, cols) = (w.rows(), w.cols());
                 let mut blocks = Vec::with_capacity(rows.div_ceil(MATMUL_BLOCK));
                 for start in (0..rows).step_by(MATMUL_BLOCK) {
@@ -225,8 +254,8 @@ mod tests {
             .unwrap();
         let exact = LmHead::new(Table::F32(w.to_dtype(DType::F32).unwrap()));
         let data = w.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
-        let matrix = Arc::new(Bf16Matrix::new(data, rows, cols).unwrap());
-        let head = LmHead::new(Table::Bf16(matrix.clone()));
+        let table = Table::bf16(Bf16Matrix::new(data, rows, cols).unwrap());
+        let head = LmHead::new(table.clone());
         for m in [1, 3, GEMV_MAX_ROWS + 5] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
             let a = head.forward(&x).unwrap();
@@ -242,7 +271,7 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-4, "m = {m}: {d}");
         }
-        let emb = Embedding::new(Table::Bf16(matrix), None, DType::F32, &dev);
+        let emb = Embedding::new(table, None, DType::F32, &dev);
         let ids = Tensor::new(&[3u32, 0, 3], &dev).unwrap();
         let got = emb.forward(&ids).unwrap();
         let want = w

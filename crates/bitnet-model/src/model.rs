@@ -31,7 +31,6 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 
 use bitnet_kernels::{Bf16Matrix, LinearInput, RmsNormOp};
 use candle_core::{DType, Device, Module, Tensor};
@@ -136,7 +135,7 @@ impl Loader<'_> {
             };
             let m =
                 Bf16Matrix::new(values, shape[0], shape[1]).map_err(|e| t.bad(e.to_string()))?;
-            Table::Bf16(Arc::new(m))
+            Table::bf16(m)
         } else {
             Table::F32(t.to_tensor(shape, DType::F32, self.device)?)
         };

@@ -12,12 +12,19 @@
 //!   logits into a fixed tensor; the position-dependent kernels read the position from device
 //!   memory. The recording writes into the KV buffers, so it is redone when they are regrown
 //!   or dropped.
+//! - the step ends with the greedy pick on the device (`cuda::greedy`): its input is a
+//!   `[token, position]` state in device memory that the step advances, and the embedding row
+//!   is looked up there too (BF16 tables). Greedy decoding ([`ForCausalLM::decode_greedy_cuda`])
+//!   then queues step `n + 1` before reading step `n`'s token (four bytes instead of the 513 KB
+//!   of logits), so the GPU does not wait for the host between steps. Sampling reads the logits
+//!   as before and writes the state from the host.
 //!
 //! The first step after (re)allocation runs eagerly (which also loads kernels and uploads
 //! weights, as recording requires) and is then recorded. If recording fails (an op that
 //! synchronizes with the host, e.g. a CPU-side LM head), decoding stays eager.
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
+use bitnet_kernels::cuda::greedy::{self, TokenReadback, NAN_TOKEN};
 use bitnet_kernels::cuda::{copy_from_host, Graph};
 use candle_core::{DType, Device, Module, Tensor, TensorId};
 
@@ -32,6 +39,8 @@ pub(crate) struct DecodeGraph {
     recorded: Option<(Vec<TensorId>, Graph)>,
     /// Why recording failed, if it did (decoding then stays eager).
     failed: Option<String>,
+    /// Where greedy decoding reads each token.
+    readback: Option<TokenReadback>,
 }
 
 impl Clone for DecodeGraph {
@@ -43,10 +52,12 @@ impl Clone for DecodeGraph {
 /// Inputs and output of one recorded step.
 #[derive(Debug)]
 struct StepIo {
-    /// The embedded token, `[1, 1, hidden]` in the model dtype.
+    /// `[token, position]` u32: the step's input, replaced by the greedy next token and the
+    /// next position.
+    state: Tensor,
+    /// The embedded token, `[1, 1, hidden]` in the model dtype, written by the host when the
+    /// embedding is not looked up on the device.
     x: Tensor,
-    /// Its position, `[1]` u32.
-    pos: Tensor,
     /// The step's logits, `[1, vocab]` f32.
     logits: Tensor,
 }
@@ -76,19 +87,34 @@ impl Attention {
     }
 }
 
-/// One decode step from `io.x` at `io.pos` into `io.logits`: what is recorded and replayed.
+/// One decode step from `io.state` into `io.logits` and the next state: what is recorded and
+/// replayed.
 fn step(model: &Model, head: &LmHead, cache: &Cache, io: &StepIo) -> candle_core::Result<()> {
     let buffers = cache.buffers()?;
-    let mut x = Stream::new(io.x.clone());
+    let embed = &model.embed_tokens;
+    let x = if embed.looks_up_on_device() {
+        embed.forward_on_device(&io.state)?.reshape(io.x.shape())?
+    } else {
+        io.x.clone()
+    };
+    let pos = io.state.narrow(0, 1, 1)?;
+    let mut x = Stream::new(x);
     for (layer, kv) in model.layers.iter().zip(buffers) {
         x = layer.forward(&x, |attn, stream, norm| {
-            attn.decode(stream, norm, &model.rotary, &io.pos, kv)
+            attn.decode(stream, norm, &model.rotary, &pos, kv)
         })?;
     }
     let hidden = model.norm.forward(&x.sum()?)?;
     let h = hidden.dim(2)?;
     let logits = head.forward(&hidden.reshape((1, h))?)?;
-    io.logits.slice_set(&logits, 0, 0)
+    io.logits.slice_set(&logits, 0, 0)?;
+    greedy::greedy_next(&io.state, &io.logits)
+}
+
+/// `offset` as a device position.
+fn position(offset: usize) -> candle_core::Result<u32> {
+    u32::try_from(offset)
+        .map_err(|_| candle_core::Error::Msg(format!("position {offset} exceeds u32")))
 }
 
 impl ForCausalLM {
@@ -113,32 +139,51 @@ impl ForCausalLM {
     }
 
     fn decode_cuda_inner(&mut self, id: u32, offset: usize) -> candle_core::Result<Tensor> {
+        let state = [id, position(offset)?];
+        let embed = &self.model.embed_tokens;
+        let x = if embed.looks_up_on_device() {
+            None
+        } else {
+            // The table lives on the host (or is F32): look the row up there.
+            Some(embed.forward(&Tensor::new(&[id], &Device::Cpu)?)?)
+        };
+        let io = self.step_io()?;
+        if let Some(x) = x {
+            io.x.slice_set(&x.reshape(io.x.shape())?, 0, 0)?;
+        }
+        copy_from_host(&io.state, &Tensor::new(&state, &Device::Cpu)?)?;
+        self.run_step(offset)?;
+        self.step_io()?.logits.copy()
+    }
+
+    /// The step's fixed tensors, allocated on first use.
+    fn step_io(&mut self) -> candle_core::Result<&StepIo> {
+        let dev = self.device().clone();
+        let c = &self.config;
+        let (hidden, vocab, dtype) = (c.hidden_size, c.vocab_size, self.model.dtype);
+        match &mut self.decode_graph.io {
+            Some(io) => Ok(io),
+            io @ None => Ok(io.insert(StepIo {
+                state: Tensor::zeros(2, DType::U32, &dev)?,
+                x: Tensor::zeros((1, 1, hidden), dtype, &dev)?,
+                logits: Tensor::zeros((1, vocab), DType::F32, &dev)?,
+            })),
+        }
+    }
+
+    /// Queues the step at `offset` from the state already on the device: replays the recording,
+    /// or runs the step eagerly and records it when the KV buffers are new.
+    fn run_step(&mut self, offset: usize) -> candle_core::Result<()> {
         let max = self.max_context();
         let dev = self.device().clone();
         let c = &self.config;
         let dims = (1, c.num_key_value_heads, c.head_dim);
-        let (hidden, vocab) = (c.hidden_size, c.vocab_size);
         self.cache.reserve(dims, offset + 1, max, &dev)?;
-        // The lookup reads the host id (the table lives on the host unless it is F32).
-        let x = self
-            .model
-            .embed_tokens
-            .forward(&Tensor::new(&[id], &Device::Cpu)?)?
-            .reshape((1, 1, hidden))?;
-        let dtype = self.model.dtype;
+        self.step_io()?;
         let graph = &mut self.decode_graph;
-        let io = match &mut graph.io {
-            Some(io) => io,
-            io @ None => io.insert(StepIo {
-                x: Tensor::zeros((1, 1, hidden), dtype, &dev)?,
-                pos: Tensor::zeros(1, DType::U32, &dev)?,
-                logits: Tensor::zeros((1, vocab), DType::F32, &dev)?,
-            }),
+        let Some(io) = &graph.io else {
+            candle_core::bail!("decode step tensors missing");
         };
-        io.x.slice_set(&x, 0, 0)?;
-        let position = u32::try_from(offset)
-            .map_err(|_| candle_core::Error::Msg(format!("position {offset} exceeds u32")))?;
-        copy_from_host(&io.pos, &Tensor::new(&[position], &Device::Cpu)?)?;
         let ids_now = self.cache.buffer_ids();
         match &graph.recorded {
             Some((ids, g)) if self.cuda_graphs && *ids == ids_now => g.launch()?,
@@ -156,7 +201,106 @@ impl ForCausalLM {
             }
         }
         self.cache.advance_layers(1);
-        io.logits.copy()
+        Ok(())
+    }
+
+    /// True when [`ForCausalLM::decode_greedy_cuda`] runs on the device: a CUDA decode step
+    /// whose embedding rows are looked up there.
+    pub(crate) fn greedy_on_cuda(&self) -> bool {
+        self.decodes_on_cuda(1, 1) && self.model.embed_tokens.looks_up_on_device()
+    }
+
+    /// Greedy decoding on the device (see the module docs and `generation::decode_greedy`, which
+    /// checks the context and whose contract this keeps): feeds `token` at `offset`, then each argmax, until `on_token`
+    /// returns false or `max_tokens` were produced; returns how many were.
+    pub(crate) fn decode_greedy_cuda<E: From<candle_core::Error>>(
+        &mut self,
+        token: u32,
+        offset: usize,
+        max_tokens: usize,
+        mut on_token: impl FnMut(u32) -> Result<bool, E>,
+    ) -> Result<usize, E> {
+        if max_tokens == 0 {
+            return Ok(0);
+        }
+        let r = self.greedy_steps(token, offset, max_tokens, &mut on_token);
+        if matches!(r, Err(Fail::Model(_))) {
+            // As in `decode_cuda`: a failed step may have written some layers only.
+            self.cache.clear();
+        }
+        r.map_err(|e| match e {
+            Fail::Model(e) => E::from(e),
+            Fail::Caller(e) => e,
+        })
+    }
+
+    fn greedy_steps<E>(
+        &mut self,
+        token: u32,
+        offset: usize,
+        max_tokens: usize,
+        on_token: &mut impl FnMut(u32) -> Result<bool, E>,
+    ) -> Result<usize, Fail<E>> {
+        // `prepare` checks the token and rewinds the cache; the caller checked that the last
+        // step, at `offset + max_tokens - 1`, is inside the context.
+        self.prepare(&Tensor::new(&[[token]], &Device::Cpu)?, offset)?;
+        let state = [token, position(offset)?];
+        copy_from_host(&self.step_io()?.state, &Tensor::new(&state, &Device::Cpu)?)?;
+        let mut readback = match self.decode_graph.readback.take() {
+            Some(r) => r,
+            None => TokenReadback::new(self.device())?,
+        };
+        let r = self.pipeline(offset, max_tokens, &mut readback, on_token);
+        self.decode_graph.readback = Some(readback);
+        r
+    }
+
+    /// The loop of [`ForCausalLM::decode_greedy_cuda`] after its checks: the copy of token `i`
+    /// is queued behind step `i - 1` and read after step `i` is queued.
+    fn pipeline<E>(
+        &mut self,
+        offset: usize,
+        max_tokens: usize,
+        readback: &mut TokenReadback,
+        on_token: &mut impl FnMut(u32) -> Result<bool, E>,
+    ) -> Result<usize, Fail<E>> {
+        self.run_step(offset)?;
+        readback.queue(&self.step_io()?.state)?;
+        let mut produced = 0;
+        loop {
+            produced += 1;
+            let more = produced < max_tokens;
+            if more {
+                self.run_step(offset + produced)?;
+            }
+            let token = readback.wait()?;
+            if token == NAN_TOKEN {
+                return Err(Fail::Model(candle_core::Error::Msg(
+                    "the model produced NaN logits".into(),
+                )));
+            }
+            let go = on_token(token).map_err(Fail::Caller)?;
+            if !(go && more) {
+                if more {
+                    // The queued step fed this token; the contract leaves it out of the cache.
+                    self.cache.seek(offset + produced)?;
+                }
+                return Ok(produced);
+            }
+            readback.queue(&self.step_io()?.state)?;
+        }
+    }
+}
+
+/// An error of the model or of the caller's callback (passed through unchanged).
+enum Fail<E> {
+    Model(candle_core::Error),
+    Caller(E),
+}
+
+impl<E> From<candle_core::Error> for Fail<E> {
+    fn from(e: candle_core::Error) -> Self {
+        Fail::Model(e)
     }
 }
 
