@@ -31,8 +31,10 @@ def cli_json(*args):
 
 
 # 1. Fixture parity on the GPU (f32 and bf16), same tolerances as tests/parity.rs.
-print("| fixture | dtype | mean NLL (ours) | transformers | Δ | greedy ids equal / comparable |")
-print("|---|---|---|---|---|---|")
+# Greedy decoding on CUDA picks the argmax on the GPU; `--temperature 1 --top-k 1` picks the same
+# token through the host sampler, so the last column checks the device path against the host's.
+print("| fixture | dtype | mean NLL (ours) | transformers | Δ | greedy ids equal / comparable | GPU argmax = host top-1 |")
+print("|---|---|---|---|---|---|---|")
 for name in ["bitnet-packed", "bitnet-bf16", "llama-packed", "llama-bf16"]:
     d = f"tests/fixtures/{name}"
     ref = json.load(open(f"{d}/reference.json"))
@@ -42,15 +44,19 @@ for name in ["bitnet-packed", "bitnet-bf16", "llama-packed", "llama-bf16"]:
         common = ["--model", d, "--device", "cuda", "--dtype", dtype]
         ppl = cli_json("perplexity", *common, "--file", f.name, "--json")
         want = ref["dtypes"][dtype]["mean_nll"]
-        g = cli_json("generate", *common, "--prompt", ref["greedy_prompt"], "--temperature", "0",
-                     "--max-tokens", "24", "--ignore-eos", "--json")
+        gen = ["generate", *common, "--prompt", ref["greedy_prompt"], "--max-tokens", "24", "--ignore-eos", "--json"]
+        g = cli_json(*gen, "--temperature", "0")
+        host = cli_json(*gen, "--temperature", "1", "--top-k", "1", "--seed", "0")
+        device_is_host = g["tokens"] == host["tokens"]
         greedy = ref["dtypes"][dtype]["greedy"]
         comparable = next((i for i, m in enumerate(greedy["margins"]) if m < margin), 24)
         equal = sum(1 for a, b in zip(g["tokens"][:comparable], greedy["ids"][:comparable]) if a == b)
         same_prefix = g["tokens"][:comparable] == greedy["ids"][:comparable]
-        results[f"{name}/{dtype}"] = {"mean_nll": ppl["mean_nll"], "ref": want, "greedy_equal": same_prefix}
+        results[f"{name}/{dtype}"] = {"mean_nll": ppl["mean_nll"], "ref": want, "greedy_equal": same_prefix,
+                                      "device_argmax_equals_host": device_is_host}
         print(f"| {name} | {dtype} | {ppl['mean_nll']:.5f} | {want:.5f} | {ppl['mean_nll'] - want:+.1e} | "
-              f"{equal} / {comparable}{'' if same_prefix else ' MISMATCH'} |")
+              f"{equal} / {comparable}{'' if same_prefix else ' MISMATCH'} | "
+              f"{len(g['tokens'])} tokens {'equal' if device_is_host else 'MISMATCH'} |")
 
 # 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
 ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
