@@ -9,10 +9,15 @@
 // layer of the shipped kernel against variants built from the same device functions:
 //   - empty kernels with the same grids: the launch floor inside a graph;
 //   - the prologue only (form, norm, quantize; weights still prefetched) and the GEMV only;
+//   - the prologue cut short after its loads, after the sum of squares, and after the norm and
+//     absmax: what each of its stages adds;
 //   - outputs allocated with cudaMallocAsync during capture: the allocation nodes the model's
 //     recording holds;
 //   - programmatic dependent launch (sm_90): each kernel prefetches its weights, then waits
-//     for its predecessor (griddepcontrol), and lets its successor start once it has quantized.
+//     for its predecessor (griddepcontrol), and lets its successor start once it has quantized;
+//   - the shipped kernel with every layer reading layer 0's norm weights, or all of layer 0's
+//     weights (then L2-resident), and with its weight loads hinted L2::evict_first: what the
+//     L2 misses of the small per-layer reads cost.
 // Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM); the
 // checksums show that the shipped kernel and the PDL variant compute the same outputs.
 
@@ -37,15 +42,99 @@
 
 typedef __nv_bfloat16 bf;
 
-enum Variant { SHIPPED, EMPTY, PROLOGUE, GEMV_ONLY, ALLOC_NODES, PDL, VARIANTS };
+enum Variant {
+    SHIPPED, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY, ALLOC_NODES, PDL, HOT_NORMS,
+    HOT_ALL, EVICT_FIRST, VARIANTS
+};
 static const char* kVariantName[] = {
     "shipped kernel",
     "empty kernels, same grids",
+    "prologue: row and norm-weight loads only",
+    "prologue: loads, sum of squares",
+    "prologue: loads, sum of squares, norm, absmax",
     "prologue only (form, norm, quantize)",
     "GEMV only (no prologue)",
     "shipped, outputs cudaMallocAsync'd in capture",
     "PDL: prefetch, wait, quantize, trigger",
+    "shipped, one set of norm weights for all layers",
+    "shipped, one layer's weights for all layers (L2-resident)",
+    "shipped, weight loads hinted L2::evict_first",
 };
+
+// gemv_group with its weight loads hinted evict-first (EVICT_FIRST): the streamed weights then
+// leave L2 before the row, the residual and the norm weights do.
+__device__ __forceinline__ uint4 ldg_evict_first(const uint4* p, uint64_t policy) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p), "l"(policy));
+    return v;
+}
+
+__device__ void gemv_group_evict(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
+                                 const GemvMat<bf>& m2, int group, const int8_t* q,
+                                 const float* scales, const int* sums, int nb) {
+    const int lane = threadIdx.x & 31;
+    GemvMat<bf> m;
+    group = pick_group(m0, m1, m2, group, m);
+    if (group < 0) return;
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
+    const int chunks = nb * 16, j0 = (lane & 3) * 16;
+    int acc = 0;
+#pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 wv = ldg_evict_first(wg + c, policy);
+        const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
+        const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int4 a = *reinterpret_cast<const int4*>(qb + 64 * k);
+            const int ar[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc = __dp4a((int)((wr[e] >> (2 * k)) & MASK2), ar[e], acc);
+        }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+    if ((lane & 0x13) == 0) {
+        const int o = group * 4 + (lane >> 2);
+        if (o < m.out) store_out(m.y, o, epilogue(acc - sums[0], scales[0], m.scale, 0));
+    }
+}
+
+// The first stages of quantize_row (PRO_LOAD, PRO_RMS, PRO_MAX): each ends in a store that
+// depends on what it computed, so nothing is optimized away.
+template <int REGS, int V>
+__device__ void partial_prologue(const RowInput<bf>& in, bf* so, const bf* w, float eps, int k,
+                                 const GemvMat<bf>& m0, const GemvMat<bf>& m1,
+                                 const GemvMat<bf>& m2, int group, int nb) {
+    __shared__ float red[32], red_max[32];
+    float v[REGS], wv[REGS];
+    load_row(in, k, v);
+    load_row(plain(w), k, wv);
+    prefetch_group(m0, m1, m2, group, nb);
+    if (so != nullptr)
+        for (int r = 0; r < REGS; ++r)
+            if (threadIdx.x + r * 256 < k) store_out(so, threadIdx.x + r * 256, v[r]);
+    float probe = 0.0f;
+    if (V == PRO_LOAD) {
+        for (int r = 0; r < REGS; ++r) probe += v[r] * wv[r];
+    } else {
+        const float inv = inv_rms(in, v, k, eps, red);
+        probe = inv;
+        if (V == PRO_MAX) {
+            float m = 0.0f;
+            for (int r = 0; r < REGS; ++r)
+                if (threadIdx.x + r * 256 < k)
+                    m = fmaxf(m, fabsf(round_to(normed<bf>(v[r], inv, wv[r]), bf())));
+            probe = __fdiv_rn(127.0f, fmaxf(block_max(m, red_max), 1e-5f));
+        }
+    }
+    if (probe == 1234.5f) store_out(m0.y, threadIdx.x, probe);
+}
 
 // The experimental variants of gemv_fused (kernels/bitnet.cu), from its own parts.
 template <int REGS, int V>
@@ -60,6 +149,10 @@ __global__ void __launch_bounds__(256)
     const RowInput<bf> in{x, r, mode};
     if (V == EMPTY) {
         if (blockIdx.x == 0 && threadIdx.x == 0) m0.y[0] = x[0];
+        return;
+    }
+    if (V == PRO_LOAD || V == PRO_RMS || V == PRO_MAX) {
+        partial_prologue<REGS, V>(in, so, w, eps, k, m0, m1, m2, group, nb);
         return;
     }
     if (V == GEMV_ONLY) {
@@ -79,7 +172,10 @@ __global__ void __launch_bounds__(256)
         if (threadIdx.x == 0) store_out(m0.y, blockIdx.x % m0.out, q[blockIdx.x % k] * scale + qsum);
         return;
     }
-    gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, 0);
+    if (V == EVICT_FIRST)
+        gemv_group_evict(m0, m1, m2, group, q, &scale, &qsum, nb);
+    else
+        gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, 0);
 }
 
 struct Mat {
@@ -136,6 +232,8 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
     switch (v) {
         case SHIPPED:
         case ALLOC_NODES:
+        case HOT_NORMS:
+        case HOT_ALL:
             if (REGS == 12)
                 CK(cudaLaunchKernelEx(&cfg, bitnet_gemv_fused12_bf16, a.w, ya, a.out, 0.7f, b.w,
                                       yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
@@ -153,6 +251,18 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
             break;
         case GEMV_ONLY:
             CK(cudaLaunchKernelEx(&cfg, variant<REGS, GEMV_ONLY>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case PRO_LOAD:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_LOAD>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case PRO_RMS:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_RMS>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case PRO_MAX:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_MAX>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+            break;
+        case EVICT_FIRST:
+            CK(cudaLaunchKernelEx(&cfg, variant<REGS, EVICT_FIRST>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
             break;
         default:
             CK(cudaLaunchKernelEx(&cfg, variant<REGS, PDL>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
@@ -189,7 +299,13 @@ int main() {
         auto fresh = [&](bf*& p, int n) {
             if (v == ALLOC_NODES) CK(cudaMallocAsync((void**)&p, n * sizeof(bf), st));
         };
-        for (auto& l : ls) {
+        for (auto& layer : ls) {
+            // HOT_NORMS / HOT_ALL take layer 0's norm weights / everything for every layer.
+            Layer l = v == HOT_ALL ? ls[0] : layer;
+            if (v == HOT_NORMS) {
+                l.input_norm = ls[0].input_norm, l.attn_sub_norm = ls[0].attn_sub_norm;
+                l.post_norm = ls[0].post_norm, l.ffn_sub_norm = ls[0].ffn_sub_norm;
+            }
             // The residual stream alternates between h0 and h1, as the model's does.
             if (kernel < 0 || kernel == 0) {
                 fresh(b.q, hidden), fresh(b.k, kv), fresh(b.v, kv), fresh(b.h1, hidden);
@@ -219,7 +335,7 @@ int main() {
         printf("\n%s (30 layers, one graph)\n", kernels[kernel + 1]);
         printf("| variant | us per layer | min | max | checksum |\n|---|---:|---:|---:|---|\n");
         for (int v = 0; v < VARIANTS; ++v) {
-            if (v == ALLOC_NODES && kernel >= 0) continue;
+            if ((v == ALLOC_NODES || v == HOT_NORMS || v == HOT_ALL) && kernel >= 0) continue;
             cudaGraph_t g;
             cudaGraphExec_t exec;
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
