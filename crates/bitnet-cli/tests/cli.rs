@@ -197,6 +197,40 @@ fn sampling_is_reproducible_with_a_seed() {
     assert_eq!(a, go("7"));
 }
 
+/// Greedy decoding (`decode_greedy` after the first token) against the sampler's top-1 pick,
+/// up to the end of the fixture's 256-token context and exactly at it.
+#[test]
+fn greedy_decoding_equals_top1_sampling_up_to_the_context_end() {
+    let model = packed();
+    let go = |max_tokens: &str, sampling: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The river",
+            "--max-tokens",
+            max_tokens,
+            "--ignore-eos",
+            "--json",
+        ];
+        args.extend_from_slice(sampling);
+        let out: Value = serde_json::from_str(&stdout(&ok(run(&args)))).unwrap();
+        let prompt = out["prompt_tokens"].as_array().unwrap().len();
+        (ids(&out["tokens"]), out["stop_reason"].clone(), prompt)
+    };
+    let greedy = ["--temperature", "0"];
+    let top1 = ["--temperature", "1", "--top-k", "1", "--seed", "3"];
+    let (tokens, stop, prompt) = go("400", &greedy);
+    // The prompt fills positions 0..prompt, each generated token but the last one more.
+    let fits = 256 - prompt + 1;
+    assert_eq!((tokens.len(), &stop), (fits, &Value::from("context_full")));
+    assert_eq!(go("400", &top1), (tokens.clone(), stop, prompt));
+    let exact = fits.to_string();
+    let (at_end, stop, _) = go(&exact, &greedy);
+    assert_eq!((at_end, stop), (tokens, Value::from("max_tokens")));
+}
+
 #[test]
 fn stop_string_cuts_the_text() {
     let r = reference();
