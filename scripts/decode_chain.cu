@@ -107,9 +107,9 @@ __device__ void gemv_group_evict(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
     }
 }
 
-// gemv_group with codes turned into -1/0/+1 bytes before the dp4a (SIGNED): (c + 0x7f) ^ 0x80
-// per byte maps 0/1/2 to -1/0/1 without carries, so the sum is sum((c - 1) q) directly and the
-// prologue need not reduce sum(q).
+// gemv_group with codes turned into -1/0/+1 bytes before the dp4a (SIGNED): ((c | 0x80) - 1) ^
+// 0x80 per byte maps 0/1/2 to -1/0/1 without borrows, so the sum is sum((c - 1) q) directly and
+// the prologue need not reduce sum(q).
 __device__ void gemv_group_signed(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
                                   const GemvMat<bf>& m2, int group, const int8_t* q,
                                   const float* scales, int nb) {
@@ -131,7 +131,8 @@ __device__ void gemv_group_signed(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
             const int ar[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const uint32_t code = (((wr[e] >> (2 * k)) & MASK2) + 0x7f7f7f7fu) ^ 0x80808080u;
+                const uint32_t c = (wr[e] >> (2 * k)) & MASK2;
+                const uint32_t code = ((c | 0x80808080u) - 0x01010101u) ^ 0x80808080u;
                 acc = __dp4a((int)code, ar[e], acc);
             }
         }
