@@ -17,8 +17,7 @@
 //     for its predecessor (griddepcontrol), and lets its successor start once it has quantized;
 //   - the shipped kernel with every layer reading layer 0's norm weights, or all of layer 0's
 //     weights (then L2-resident), and with its weight loads hinted L2::evict_first: what the
-//     L2 misses of the small per-layer reads cost;
-//   - signed codes in the GEMV (-1/0/+1 bytes), so the prologue skips its sum-of-q reduction.
+//     L2 misses of the small per-layer reads cost.
 // Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM); the
 // checksums show that the shipped kernel and the PDL variant compute the same outputs.
 
@@ -45,7 +44,7 @@ typedef __nv_bfloat16 bf;
 
 enum Variant {
     SHIPPED, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY, ALLOC_NODES, PDL, HOT_NORMS,
-    HOT_ALL, EVICT_FIRST, SIGNED, VARIANTS
+    HOT_ALL, EVICT_FIRST, VARIANTS
 };
 static const char* kVariantName[] = {
     "shipped kernel",
@@ -60,7 +59,6 @@ static const char* kVariantName[] = {
     "shipped, one set of norm weights for all layers",
     "shipped, one layer's weights for all layers (L2-resident)",
     "shipped, weight loads hinted L2::evict_first",
-    "signed codes in the GEMV, no sum of q (one block reduction fewer)",
 };
 
 // gemv_group with its weight loads hinted evict-first (EVICT_FIRST): the streamed weights then
@@ -104,45 +102,6 @@ __device__ void gemv_group_evict(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
     if ((lane & 0x13) == 0) {
         const int o = group * 4 + (lane >> 2);
         if (o < m.out) store_out(m.y, o, epilogue(acc - sums[0], scales[0], m.scale, 0));
-    }
-}
-
-// gemv_group with codes turned into -1/0/+1 bytes before the dp4a (SIGNED): ((c | 0x80) - 1) ^
-// 0x80 per byte maps 0/1/2 to -1/0/1 without borrows, so the sum is sum((c - 1) q) directly and
-// the prologue need not reduce sum(q).
-__device__ void gemv_group_signed(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
-                                  const GemvMat<bf>& m2, int group, const int8_t* q,
-                                  const float* scales, int nb) {
-    const int lane = threadIdx.x & 31;
-    GemvMat<bf> m;
-    group = pick_group(m0, m1, m2, group, m);
-    if (group < 0) return;
-    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
-    const int chunks = nb * 16, j0 = (lane & 3) * 16;
-    int acc = 0;
-#pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        const uint4 wv = __ldg(wg + c);
-        const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
-        const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int4 a = *reinterpret_cast<const int4*>(qb + 64 * k);
-            const int ar[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t c = (wr[e] >> (2 * k)) & MASK2;
-                const uint32_t code = ((c | 0x80808080u) - 0x01010101u) ^ 0x80808080u;
-                acc = __dp4a((int)code, ar[e], acc);
-            }
-        }
-    }
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-    if ((lane & 0x13) == 0) {
-        const int o = group * 4 + (lane >> 2);
-        if (o < m.out) store_out(m.y, o, epilogue(acc, scales[0], m.scale, 0));
     }
 }
 
@@ -203,10 +162,6 @@ __global__ void __launch_bounds__(256)
         prefetch_group(m0, m1, m2, group, nb);
         asm volatile("griddepcontrol.wait;" ::: "memory");
         quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256);
-    } else if (V == SIGNED) {
-        auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
-        quantize_row<REGS, bf, decltype(prefetch), false>(in, so, w, 1, eps, q, &scale, &qsum, k,
-                                                          nb * 256, prefetch);
     } else {
         auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
         quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256, prefetch);
@@ -219,8 +174,6 @@ __global__ void __launch_bounds__(256)
     }
     if (V == EVICT_FIRST)
         gemv_group_evict(m0, m1, m2, group, q, &scale, &qsum, nb);
-    else if (V == SIGNED)
-        gemv_group_signed(m0, m1, m2, group, q, &scale, nb);
     else
         gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, 0);
 }
@@ -310,9 +263,6 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
             break;
         case EVICT_FIRST:
             CK(cudaLaunchKernelEx(&cfg, variant<REGS, EVICT_FIRST>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case SIGNED:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, SIGNED>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
             break;
         default:
             CK(cudaLaunchKernelEx(&cfg, variant<REGS, PDL>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));

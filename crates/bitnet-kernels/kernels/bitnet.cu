@@ -144,7 +144,7 @@ struct NoHook {
     __device__ __forceinline__ void operator()() const {}
 };
 
-template <int REGS, typename T, typename Hook = NoHook, bool SUM = true>
+template <int REGS, typename T, typename Hook = NoHook>
 __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T* __restrict__ w,
                              int norm, float eps, int8_t* __restrict__ qr, float* scale,
                              int* qsum, int k, int k_pad, const Hook& issued = Hook()) {
@@ -201,10 +201,6 @@ __device__ void quantize_row(const RowInput<T>& in, T* __restrict__ so, const T*
         const int c = i < k ? quant(at(i)) : 0;
         qr[i] = (int8_t)c;
         sum += c;
-    }
-    if (!SUM) {
-        if (threadIdx.x == 0) *scale = s, *qsum = 0;
-        return;
     }
     sum = __reduce_add_sync(0xffffffffu, sum);
     if (lane == 0) red_i[warp] = sum;
