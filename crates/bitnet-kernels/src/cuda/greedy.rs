@@ -13,7 +13,9 @@
 //! logit (`torch.argmax`), with NaN reported ([`NAN_TOKEN`]) instead of picked.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PinnedHostSlice, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaSlice, PinnedHostSlice, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
@@ -142,16 +144,21 @@ pub(crate) fn embed_row(
 #[derive(Debug)]
 pub struct TokenReadback {
     host: PinnedHostSlice<u32>,
+    /// Recorded behind each copy. The pinned slice's own event is recorded only when cudarc
+    /// tracks several streams, which candle's single stream does not, so it cannot be relied
+    /// on to wait for the copy.
+    copied: CudaEvent,
 }
 
 impl TokenReadback {
     /// A readback for the CUDA device `device`.
     pub fn new(device: &candle_core::Device) -> Result<Self> {
-        let dev = device.as_cuda_device()?;
+        let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
         // SAFETY: the word is written by `queue`'s copy before `wait` reads it. Flags 0: plain
         // page-locked memory (the default, write-combined, is slow for the host to read).
-        let host = unsafe { dev.cuda_stream().context().alloc_pinned_with_flags(1, 0) }.w()?;
-        Ok(Self { host })
+        let host = unsafe { ctx.alloc_pinned_with_flags(1, 0) }.w()?;
+        let copied = ctx.new_event(None).w()?;
+        Ok(Self { host, copied })
     }
 
     /// Queues the copy of `state[0]` behind the work queued so far on the state's device.
@@ -165,14 +172,14 @@ impl TokenReadback {
         }
         let (s0, _) = state_range(sl, "TokenReadback state")?;
         let token = ss.as_cuda_slice::<u32>()?.slice(s0..s0 + 1);
-        ss.device()
-            .cuda_stream()
-            .memcpy_dtoh(&token, &mut self.host)
-            .w()
+        let stream = ss.device().cuda_stream();
+        stream.memcpy_dtoh(&token, &mut self.host).w()?;
+        self.copied.record(&stream).w()
     }
 
     /// Waits for the last queued copy (not for what was queued after it) and returns the token.
     pub fn wait(&self) -> Result<u32> {
+        self.copied.synchronize().w()?;
         let v = self.host.as_slice().w()?;
         Ok(v.first().copied().unwrap_or(NAN_TOKEN))
     }
