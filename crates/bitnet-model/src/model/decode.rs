@@ -211,8 +211,9 @@ impl ForCausalLM {
     }
 
     /// Greedy decoding on the device (see the module docs and `generation::decode_greedy`, which
-    /// checks the context and whose contract this keeps): feeds `token` at `offset`, then each argmax, until `on_token`
-    /// returns false or `max_tokens` were produced; returns how many were.
+    /// checks the context and whose contract this keeps): feeds `token` at `offset`, then each
+    /// argmax, until `on_token` returns false or `max_tokens` were produced; returns how many
+    /// were.
     pub(crate) fn decode_greedy_cuda<E: From<candle_core::Error>>(
         &mut self,
         token: u32,
