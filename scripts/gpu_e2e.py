@@ -58,6 +58,52 @@ for name in ["bitnet-packed", "bitnet-bf16", "llama-packed", "llama-bf16"]:
               f"{equal} / {comparable}{'' if same_prefix else ' MISMATCH'} | "
               f"{len(g['tokens'])} tokens {'equal' if device_is_host else 'MISMATCH'} |")
 
+# 1b. Stops and cache reuse on the greedy GPU path: a chat (turns end at an end-of-turn token,
+# the next turn reuses the cache, /reset drops it) and generation that may stop at eos. The
+# replies must equal the host sampler's top-1, fresh caches and the CPU's.
+
+
+def greedy_stops():
+    d = "tests/fixtures/bitnet-packed"
+    chat_in = "Hello there\nWhat is the river?\n/reset\nAgain\n"
+    chat = ["chat", "--model", d, "--dtype", "f32", "--max-tokens", "40", "--system", "Be brief."]
+
+    def chat_out(*extra):
+        p = subprocess.run([bitnet, *chat, *extra], input=chat_in, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"chat {extra}: {p.stderr[-2000:]}")
+        return p.stdout
+
+    replies = {
+        "cuda greedy": chat_out("--device", "cuda", "--temperature", "0"),
+        "cuda greedy, no cache reuse": chat_out("--device", "cuda", "--temperature", "0", "--no-cache-reuse"),
+        "cuda top-1 (host)": chat_out("--device", "cuda", "--temperature", "1", "--top-k", "1", "--seed", "0"),
+        "cpu greedy": chat_out("--device", "cpu", "--temperature", "0"),
+    }
+    gen = ["generate", "--model", d, "--dtype", "f32", "--prompt", "The river", "--max-tokens", "200", "--json"]
+    stops = {k: cli_json(*gen, "--device", dev, *extra) for k, dev, extra in [
+        ("cuda greedy", "cuda", ["--temperature", "0"]),
+        ("cuda top-1 (host)", "cuda", ["--temperature", "1", "--top-k", "1", "--seed", "0"]),
+    ]}
+    same_chat = len(set(replies.values())) == 1
+    same_gen = stops["cuda greedy"]["tokens"] == stops["cuda top-1 (host)"]["tokens"]
+    results["greedy_stops"] = {"chat_equal": same_chat, "chat_replies": replies["cuda greedy"],
+                               "generate_equal": same_gen, "generate_stop": stops["cuda greedy"]["stop_reason"],
+                               "generate_tokens": len(stops["cuda greedy"]["tokens"])}
+    print(f"\nchat on CUDA (greedy, cached / fresh / host top-1 / CPU): {'equal' if same_chat else 'MISMATCH'} "
+          f"({len(replies['cuda greedy'].splitlines())} replies); generate to a stop: "
+          f"{'equal' if same_gen else 'MISMATCH'} ({len(stops['cuda greedy']['tokens'])} tokens, "
+          f"stop {stops['cuda greedy']['stop_reason']})")
+    if not (same_chat and same_gen):
+        print(json.dumps(replies, indent=1))
+
+
+try:
+    greedy_stops()
+except Exception as e:  # reported, and the timings below still run
+    results["greedy_stops"] = {"error": str(e)}
+    print(f"\ngreedy stops: FAILED: {e}")
+
 # 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
 ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
 results["kjv_heldout_cuda_f32"] = {k: ppl[k] for k in ("mean_nll", "ppl", "tok_s")}
