@@ -243,29 +243,20 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
                                       yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
                                       eps, k, nb, 0));
             break;
-        case EMPTY:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, EMPTY>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case PROLOGUE:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PROLOGUE>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case GEMV_ONLY:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, GEMV_ONLY>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case PRO_LOAD:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_LOAD>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case PRO_RMS:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_RMS>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case PRO_MAX:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PRO_MAX>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        case EVICT_FIRST:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, EVICT_FIRST>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
-            break;
-        default:
-            CK(cudaLaunchKernelEx(&cfg, variant<REGS, PDL>, m0, m1, m2, x, r, mode, so, w, eps, k, nb));
+        // The experimental variants differ only in their template argument.
+#define VARIANT(V)                                                                                 \
+    case V:                                                                                        \
+        CK(cudaLaunchKernelEx(&cfg, variant<REGS, V>, m0, m1, m2, x, r, mode, so, w, eps, k, nb)); \
+        break;
+        VARIANT(EMPTY)
+        VARIANT(PROLOGUE)
+        VARIANT(GEMV_ONLY)
+        VARIANT(PRO_LOAD)
+        VARIANT(PRO_RMS)
+        VARIANT(PRO_MAX)
+        VARIANT(EVICT_FIRST)
+        VARIANT(PDL)
+#undef VARIANT
     }
 }
 
