@@ -14,7 +14,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaSlice, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaView, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor};
@@ -45,6 +45,24 @@ fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
         candle_core::bail!("{what}: expected a two-element [token, position] tensor");
     }
     Ok((a, b))
+}
+
+/// Runs `f` on the storage of a u32 `[token, position]` state tensor on a CUDA device and a
+/// view of its two words; `what` names the caller in errors.
+fn with_state<R>(
+    state: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CudaStorage, CudaView<'_, u32>) -> Result<R>,
+) -> Result<R> {
+    let (guard, sl) = state.storage_and_layout();
+    let candle_core::Storage::Cuda(ss) = &*guard else {
+        candle_core::bail!("{what}: the state must be on a CUDA device");
+    };
+    if ss.dtype() != DType::U32 {
+        candle_core::bail!("{what}: the state must be u32");
+    }
+    let (s0, s1) = state_range(sl, what)?;
+    f(ss, ss.as_cuda_slice::<u32>()?.slice(s0..s1))
 }
 
 impl candle_core::InplaceOp2 for GreedyNext {
@@ -99,39 +117,31 @@ pub(crate) fn embed_row(
     state: &Tensor,
     dtype: DType,
 ) -> Result<Tensor> {
-    let (guard, sl) = state.storage_and_layout();
-    let candle_core::Storage::Cuda(ss) = &*guard else {
-        candle_core::bail!("embed_row: the state must be on a CUDA device");
-    };
-    if ss.dtype() != DType::U32 {
-        candle_core::bail!("embed_row: the state must be u32");
-    }
-    let (s0, s1) = state_range(sl, "embed_row state")?;
-    let dev = ss.device().clone();
-    let wbuf = cache.get_or_upload(&dev, table, bf16::ZERO)?;
-    let wbuf: &CudaSlice<bf16> = &wbuf;
-    let st = ss.as_cuda_slice::<u32>()?.slice(s0..s1);
-    let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
-    let grid = (cols.div_ceil(256).max(1), 1);
-    let stream = dev.cuda_stream();
-    macro_rules! run {
-        ($t:ty, $name:literal) => {{
-            // SAFETY: the kernel writes every one of the `cols` elements.
-            let mut out = unsafe { dev.alloc::<$t>(cols.max(1))? };
-            let f = func(&dev, $name)?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(wbuf).arg(&st).arg(&mut out).arg(&ri).arg(&ci);
-            // SAFETY: argument types match the kernel's signature.
-            unsafe { b.launch(cfg(grid, 256)) }.w()?;
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
-        }};
-    }
-    let out = match dtype {
-        DType::F32 => run!(f32, "bitnet_embed_row_f32"),
-        DType::BF16 => run!(bf16, "bitnet_embed_row_bf16"),
-        other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
-    };
-    drop(guard);
+    let out = with_state(state, "embed_row", |ss, st| {
+        let dev = ss.device().clone();
+        let wbuf = cache.get_or_upload(&dev, table, bf16::ZERO)?;
+        let wbuf: &CudaSlice<bf16> = &wbuf;
+        let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
+        let grid = (cols.div_ceil(256).max(1), 1);
+        let stream = dev.cuda_stream();
+        macro_rules! run {
+            ($t:ty, $name:literal) => {{
+                // SAFETY: the kernel writes every one of the `cols` elements.
+                let mut out = unsafe { dev.alloc::<$t>(cols.max(1))? };
+                let f = func(&dev, $name)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(wbuf).arg(&st).arg(&mut out).arg(&ri).arg(&ci);
+                // SAFETY: argument types match the kernel's signature.
+                unsafe { b.launch(cfg(grid, 256)) }.w()?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dtype {
+            DType::F32 => run!(f32, "bitnet_embed_row_f32"),
+            DType::BF16 => run!(bf16, "bitnet_embed_row_bf16"),
+            other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
+        })
+    })?;
     Ok(Tensor::from_storage(
         candle_core::Storage::Cuda(out),
         Shape::from((1, cols)),
@@ -163,18 +173,11 @@ impl TokenReadback {
 
     /// Queues the copy of `state[0]` behind the work queued so far on the state's device.
     pub fn queue(&mut self, state: &Tensor) -> Result<()> {
-        let (guard, sl) = state.storage_and_layout();
-        let candle_core::Storage::Cuda(ss) = &*guard else {
-            candle_core::bail!("TokenReadback: the state must be on a CUDA device");
-        };
-        if ss.dtype() != DType::U32 {
-            candle_core::bail!("TokenReadback: the state must be u32");
-        }
-        let (s0, _) = state_range(sl, "TokenReadback state")?;
-        let token = ss.as_cuda_slice::<u32>()?.slice(s0..s0 + 1);
-        let stream = ss.device().cuda_stream();
-        stream.memcpy_dtoh(&token, &mut self.host).w()?;
-        self.copied.record(&stream).w()
+        with_state(state, "TokenReadback", |ss, st| {
+            let stream = ss.device().cuda_stream();
+            stream.memcpy_dtoh(&st.slice(0..1), &mut self.host).w()?;
+            self.copied.record(&stream).w()
+        })
     }
 
     /// Waits for the last queued copy (not for what was queued after it) and returns the token.
