@@ -6,10 +6,12 @@ use std::time::Instant;
 use std::fmt::Write as _;
 
 use anyhow::{bail, Context, Result};
+use bitnet_model::generation::{Sampler, SamplingParams};
 use bitnet_model::{ForCausalLM, Weights};
 use candle_core::{Device, Tensor};
 
 use crate::runtime::{self, RuntimeArgs};
+use crate::sampling::{DEFAULT_TEMPERATURE, DEFAULT_TOP_P};
 use crate::source::SourceArgs;
 use crate::util;
 
@@ -20,8 +22,10 @@ pub struct Args {
     pub prompt_len: usize,
 
     /// Generation test tgN: N single-token forward passes from an empty cache, each copying its
-    /// logits to the host as sampling does (0 skips it). On CUDA a second row, "tgN greedy",
-    /// decodes N tokens as `generate --temperature 0` does, with the argmax on the GPU.
+    /// logits to the host as sampling does (0 skips it). "tgN sampled" also picks each next
+    /// token with the host sampler at `generate`'s defaults (temperature 0.8, top-p 0.95), as
+    /// `generate` does. On CUDA "tgN greedy" decodes as `generate --temperature 0` does, with
+    /// the argmax on the GPU.
     #[arg(long, short = 'n', default_value_t = 64, value_name = "N")]
     pub gen: usize,
 
@@ -102,6 +106,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             Ok(tokens.len() as f64 / start.elapsed().as_secs_f64())
         })?;
         rows.push((format!("tg{}", args.gen), rates));
+        let rates = repeat(args.repetitions, || {
+            let start = Instant::now();
+            sample(&mut model, tokens[0], args.gen, args.seed)?;
+            Ok(args.gen as f64 / start.elapsed().as_secs_f64())
+        })?;
+        rows.push((format!("tg{} sampled", args.gen), rates));
         if model.device().is_cuda() {
             // What `generate` runs at temperature 0: the argmax stays on the GPU.
             let rates = repeat(args.repetitions, || {
@@ -198,6 +208,25 @@ fn decode(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     for (i, &t) in tokens.iter().enumerate() {
         let ids = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
         model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
+    }
+    Ok(())
+}
+
+/// Decodes `n` tokens from `token` as `generate` does at its default sampling settings: each
+/// step's logits to the host, the next token drawn there.
+fn sample(model: &mut ForCausalLM, token: u32, n: usize, seed: u64) -> Result<()> {
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: DEFAULT_TEMPERATURE,
+        top_p: Some(DEFAULT_TOP_P),
+        seed,
+        ..SamplingParams::default()
+    })?;
+    model.clear_cache();
+    let mut history = vec![token];
+    for i in 0..n {
+        let ids = Tensor::new(&[history[i]], &Device::Cpu)?.unsqueeze(0)?;
+        let logits = model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
+        history.push(sampler.sample(&logits, &history)?);
     }
     Ok(())
 }

@@ -9,6 +9,11 @@ use bitnet_model::ForCausalLM;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+/// `--temperature` without a flag or generation_config.json value.
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+/// `--top-p` without a flag or generation_config.json value.
+pub const DEFAULT_TOP_P: f32 = 0.95;
+
 /// How each next token is chosen (transformers' order: repetition penalty, temperature,
 /// top-k, top-p, min-p).
 #[derive(clap::Args, Debug, Clone)]
@@ -71,11 +76,11 @@ impl SamplingArgs {
                 } else {
                     number("temperature")
                 })
-                .unwrap_or(0.8),
+                .unwrap_or(DEFAULT_TEMPERATURE),
             top_k: self
                 .top_k
                 .or(generation_config["top_k"].as_u64().map(|k| k as usize)),
-            top_p: Some(self.top_p.or(number("top_p")).unwrap_or(0.95)),
+            top_p: Some(self.top_p.or(number("top_p")).unwrap_or(DEFAULT_TOP_P)),
             min_p: self.min_p.or(number("min_p")),
             repeat_penalty: self
                 .repeat_penalty

@@ -414,7 +414,7 @@ fn inspect_and_bench_describe_the_model() {
     ]));
     let text = stdout(&o);
     assert!(
-        text.contains("| pp8 |") && text.contains("| tg4 |"),
+        text.contains("| pp8 |") && text.contains("| tg4 |") && text.contains("| tg4 sampled |"),
         "{text}"
     );
     // The head format and the decode row's effective bandwidth (weights read per token × t/s).
