@@ -104,6 +104,19 @@ except Exception as e:  # reported, and the timings below still run
     results["greedy_stops"] = {"error": str(e)}
     print(f"\ngreedy stops: FAILED: {e}")
 
+# 1c. A quantized tied head (`--head q4`): greedy decoding looks the checkpoint's exact BF16 rows
+# up on the GPU; the host sampler's top-1 (host lookup, host loop) must pick the same tokens.
+q4 = {}
+for d in ["tests/fixtures/bitnet-packed", "tests/fixtures/bitnet-bf16", "models/bitnet-kjv-tiny"]:
+    for dtype in ["f32", "bf16"]:
+        gen = ["generate", "--model", d, "--device", "cuda", "--dtype", dtype, "--head", "q4",
+               "--prompt", "In the beginning", "--max-tokens", "24", "--ignore-eos", "--json"]
+        g = cli_json(*gen, "--temperature", "0")
+        host = cli_json(*gen, "--temperature", "1", "--top-k", "1", "--seed", "0")
+        q4[f"{d}/{dtype}"] = g["tokens"] == host["tokens"]
+results["q4_greedy_equals_host_top1"] = q4
+print("\n--head q4, GPU greedy = host top-1: " + ", ".join(f"{k} {'equal' if v else 'MISMATCH'}" for k, v in q4.items()))
+
 # 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
 ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
 results["kjv_heldout_cuda_f32"] = {k: ppl[k] for k in ("mean_nll", "ppl", "tok_s")}
@@ -116,6 +129,12 @@ bench = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "b
             "-p", "512", "-n", "128", "-r", "3")
 print("\nbitnet bench (CUDA, bf16):\n" + bench.stdout + bench.stderr[-600:])
 results["bitnet_bench"] = bench.stdout
+# The 4-bit head (greedy now on the device as well), against the exact head in the same call.
+for head in ["q4", "exact", "q4"]:
+    hb = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
+             "-p", "0", "-n", "128", "-r", "3", "--head", head)
+    print(f"\nbitnet bench --head {head} (CUDA, bf16):\n" + hb.stdout)
+    results.setdefault("bitnet_bench_heads", []).append({"head": head, "table": hb.stdout})
 # The same decode with every kernel launched from the host (what the CUDA graph saves).
 eager = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
             "-p", "0", "-n", "128", "-r", "3", "--no-cuda-graph")

@@ -16,6 +16,8 @@
 //! on CUDA (the kernel crate uploads it on first use; the same logits as on the CPU). A
 //! tied embedding then reads the checkpoint's exact rows from the memory map (when the
 //! checkpoint holds the table as a float matrix; otherwise it dequantizes the rows it gathers).
+//! On CUDA, BF16 exact rows also get a device copy, so greedy decoding's single-token lookups
+//! stay on the GPU as with the exact head.
 
 use std::sync::Arc;
 
@@ -92,6 +94,10 @@ pub(crate) struct Embedding {
     /// instead, so only the head is approximated. Quantizing the embedding too cost most of
     /// q4's perplexity change on the fixtures (docs/BENCHMARKS.md).
     exact: Option<MappedRows>,
+    /// On a CUDA model, a device copy of those rows when they are BF16, so that greedy decoding
+    /// looks them up on the GPU too (a second 0.66 GB at the 2B-4T shape, host and device).
+    #[cfg(feature = "cuda")]
+    exact_on_device: Option<Bf16LinearOp>,
     dtype: DType,
     device: Device,
 }
@@ -103,9 +109,17 @@ impl Embedding {
         dtype: DType,
         device: &Device,
     ) -> Self {
+        #[cfg(feature = "cuda")]
+        let exact_on_device = exact
+            .as_ref()
+            .filter(|_| device.is_cuda())
+            .and_then(MappedRows::bf16_matrix)
+            .map(|m| Bf16LinearOp::new(Arc::new(m)));
         Self {
             table,
             exact,
+            #[cfg(feature = "cuda")]
+            exact_on_device,
             dtype,
             device: device.clone(),
         }
@@ -159,13 +173,14 @@ impl Embedding {
         &self.device
     }
 
-    /// The table when rows are looked up on the GPU (a BF16 table on a CUDA model): the op
-    /// that holds its device copy. The exact rows of a quantized tied head and F32 tables are
-    /// read on the host.
+    /// The table when rows are looked up on the GPU (a BF16 table, or a quantized tied head's
+    /// BF16 exact rows, on a CUDA model): the op that holds its device copy. Other exact rows
+    /// and F32 tables are read on the host.
     #[cfg(feature = "cuda")]
     fn device_table(&self) -> Option<&Bf16LinearOp> {
         match (&self.table, &self.exact) {
             (Table::Bf16(op), None) if self.device.is_cuda() => Some(op),
+            (_, Some(_)) => self.exact_on_device.as_ref(),
             _ => None,
         }
     }

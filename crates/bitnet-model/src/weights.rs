@@ -505,6 +505,20 @@ impl MappedRows {
         self.cols
     }
 
+    /// The whole matrix as a [`Bf16Matrix`] when it is stored in BF16 (so exactly), else `None`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn bf16_matrix(&self) -> Option<bitnet_kernels::Bf16Matrix> {
+        if self.dtype != Dtype::BF16 {
+            return None;
+        }
+        let data = self.mmap.get(self.bytes.clone())?;
+        let data = data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        bitnet_kernels::Bf16Matrix::new(data, self.rows, self.cols).ok()
+    }
+
     /// Row `i` widened to f32 (exact for every stored dtype), or `None` past the end.
     pub(crate) fn row_f32(&self, i: usize) -> Option<Vec<f32>> {
         if i >= self.rows {
