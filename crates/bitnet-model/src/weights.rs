@@ -505,7 +505,8 @@ impl MappedRows {
         self.cols
     }
 
-    /// The whole matrix as a [`Bf16Matrix`] when it is stored in BF16 (so exactly), else `None`.
+    /// The whole matrix as a [`bitnet_kernels::Bf16Matrix`] when stored in BF16 (so exactly), else
+    /// `None`.
     #[cfg(feature = "cuda")]
     pub(crate) fn bf16_matrix(&self) -> Option<bitnet_kernels::Bf16Matrix> {
         if self.dtype != Dtype::BF16 {
