@@ -193,7 +193,7 @@ impl Sampler {
 /// Token ids best first: logit descending, then id ascending (a stable sort's order), sorted
 /// lazily. Each id is one `u64` key that sorts in that order, so no comparison looks anything
 /// up, and only as long a prefix is ordered as the filters and the draw walk (growing 8× at a
-/// time). Sorting all 128,256 ids by an indexed comparison took ~20 ms per sampled token on
+/// time). Sorting all 128,256 ids by an indexed comparison took 10–20 ms per sampled token on
 /// two cores; a small top-p set (as an LM's peaked distribution gives) needs one selection pass.
 struct Ranking {
     keys: Vec<u64>,
@@ -224,7 +224,8 @@ impl Ranking {
         if r >= self.sorted {
             let end = (r + 1).max(8 * self.sorted).max(64);
             if end > self.keys.len() / 8 {
-                // A selection pass costs about an eighth of a full sort: past that, sort it all.
+                // Past an eighth of the ids, more selection passes would cost about as much as
+                // sorting them all (measured: ~0.3 ms a pass against ~1.7 ms, 128k ids).
                 radix_sort(&mut self.keys);
                 self.sorted = self.keys.len();
             } else {
@@ -240,7 +241,7 @@ impl Ranking {
 
 /// Sorts ranking keys (logit order above, id below) ascending: put back in id order by the id
 /// in their low half, then a stable least-significant-digit radix sort on the high half, a
-/// byte per pass, skipping bytes all keys share. ~8× faster than `sort_unstable` on 128k keys.
+/// byte per pass, skipping bytes all keys share.
 fn radix_sort(keys: &mut Vec<u64>) {
     let mut other = vec![0; keys.len()];
     for &k in keys.iter() {
