@@ -102,13 +102,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let tokens = random_tokens(args.gen);
         let rates = repeat(args.repetitions, || {
             let start = Instant::now();
-            decode(&mut model, &tokens)?;
-            Ok(tokens.len() as f64 / start.elapsed().as_secs_f64())
+            decode(&mut model, tokens[0], args.gen, |_, fed| {
+                Ok(tokens[fed.len() % args.gen])
+            })?;
+            Ok(args.gen as f64 / start.elapsed().as_secs_f64())
         })?;
         rows.push((format!("tg{}", args.gen), rates));
+        // What `generate` runs at its default sampling settings.
         let rates = repeat(args.repetitions, || {
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: DEFAULT_TEMPERATURE,
+                top_p: Some(DEFAULT_TOP_P),
+                seed: args.seed,
+                ..SamplingParams::default()
+            })?;
             let start = Instant::now();
-            sample(&mut model, tokens[0], args.gen, args.seed)?;
+            decode(&mut model, tokens[0], args.gen, |logits, fed| {
+                Ok(sampler.sample(logits, fed)?)
+            })?;
             Ok(args.gen as f64 / start.elapsed().as_secs_f64())
         })?;
         rows.push((format!("tg{} sampled", args.gen), rates));
@@ -201,32 +212,22 @@ fn prefill(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Decodes `tokens` one by one, copying each step's logits to the host as `generate`'s sampler
-/// does (so that a GPU also finishes every step inside the timing).
-fn decode(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
+/// Decodes `n` tokens from an empty cache, starting with `first`, copying each step's logits
+/// to the host as `generate`'s sampler does (so that a GPU also finishes every step inside the
+/// timing); `next` picks the token fed at the following step from those logits and the tokens
+/// fed so far.
+fn decode(
+    model: &mut ForCausalLM,
+    first: u32,
+    n: usize,
+    mut next: impl FnMut(&[f32], &[u32]) -> Result<u32>,
+) -> Result<()> {
     model.clear_cache();
-    for (i, &t) in tokens.iter().enumerate() {
-        let ids = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
-        model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
-    }
-    Ok(())
-}
-
-/// Decodes `n` tokens from `token` as `generate` does at its default sampling settings: each
-/// step's logits to the host, the next token drawn there.
-fn sample(model: &mut ForCausalLM, token: u32, n: usize, seed: u64) -> Result<()> {
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: DEFAULT_TEMPERATURE,
-        top_p: Some(DEFAULT_TOP_P),
-        seed,
-        ..SamplingParams::default()
-    })?;
-    model.clear_cache();
-    let mut history = vec![token];
+    let mut fed = vec![first];
     for i in 0..n {
-        let ids = Tensor::new(&[history[i]], &Device::Cpu)?.unsqueeze(0)?;
+        let ids = Tensor::new(&[fed[i]], &Device::Cpu)?.unsqueeze(0)?;
         let logits = model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
-        history.push(sampler.sample(&logits, &history)?);
+        fed.push(next(&logits, &fed)?);
     }
     Ok(())
 }
