@@ -117,6 +117,24 @@ for d in ["tests/fixtures/bitnet-packed", "tests/fixtures/bitnet-bf16", "models/
 results["q4_greedy_equals_host_top1"] = q4
 print("\n--head q4, GPU greedy = host top-1: " + ", ".join(f"{k} {'equal' if v else 'MISMATCH'}" for k, v in q4.items()))
 
+# 1d. Sampling on the GPU (`--temperature` > 0 without top-k: the draw runs on the device). A
+# top-p so small that only the best rank survives must give the greedy tokens; the defaults
+# must repeat for one seed.
+draws = {}
+for d in ["tests/fixtures/bitnet-packed", "tests/fixtures/llama-bf16", "models/bitnet-kjv-tiny"]:
+    for dtype in ["f32", "bf16"]:
+        gen = ["generate", "--model", d, "--device", "cuda", "--dtype", dtype,
+               "--prompt", "In the beginning", "--max-tokens", "24", "--ignore-eos", "--json"]
+        g = cli_json(*gen, "--temperature", "0")
+        tiny = cli_json(*gen, "--temperature", "0.8", "--top-p", "0.000001", "--seed", "3")
+        a, b = (cli_json(*gen, "--seed", "5")["tokens"] for _ in range(2))
+        draws[f"{d}/{dtype}"] = {"top_p_tiny_equals_greedy": g["tokens"] == tiny["tokens"],
+                                 "seed_repeats": a == b, "distinct_tokens": len(set(a))}
+results["device_draw"] = draws
+print("\nGPU draw, top-p 1e-6 = greedy / same seed twice: " + ", ".join(
+    f"{k} {'equal' if v['top_p_tiny_equals_greedy'] else 'MISMATCH'}/{'equal' if v['seed_repeats'] else 'MISMATCH'}"
+    f" ({v['distinct_tokens']} distinct)" for k, v in draws.items()))
+
 # 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
 ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
 results["kjv_heldout_cuda_f32"] = {k: ppl[k] for k in ("mean_nll", "ppl", "tok_s")}
@@ -135,6 +153,19 @@ for head in ["q4", "exact", "q4"]:
              "-p", "0", "-n", "128", "-r", "3", "--head", head)
     print(f"\nbitnet bench --head {head} (CUDA, bf16):\n" + hb.stdout)
     results.setdefault("bitnet_bench_heads", []).append({"head": head, "table": hb.stdout})
+# Sampling at generate's defaults: the draw on the device against the host sampler, which the
+# same distribution takes through `--top-k` at the vocabulary size (top-k needs the logits on the
+# host). Alternating, one 128-token generation each, decode tok/s as generate reports it.
+gen = ["generate", "--model", model, "--device", "cuda", "--dtype", "bf16", "--prompt", "a b c",
+       "--max-tokens", "129", "--ignore-eos", "--json", "--seed", "1"]
+draw_ab = {"device": [], "host": []}
+for _ in range(3):
+    draw_ab["device"].append(cli_json(*gen)["timings"]["decode_tok_s"])
+    draw_ab["host"].append(cli_json(*gen, "--top-k", "128256")["timings"]["decode_tok_s"])
+results["sampled_device_vs_host"] = draw_ab
+print("\ngenerate at T 0.8, top-p 0.95 (decode tok/s): device draw "
+      + " / ".join(f"{v:.1f}" for v in draw_ab["device"]) + ", host sampler "
+      + " / ".join(f"{v:.1f}" for v in draw_ab["host"]))
 # The same decode with every kernel launched from the host (what the CUDA graph saves).
 eager = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
             "-p", "0", "-n", "128", "-r", "3", "--no-cuda-graph")

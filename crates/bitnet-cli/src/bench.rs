@@ -6,7 +6,7 @@ use std::time::Instant;
 use std::fmt::Write as _;
 
 use anyhow::{bail, Context, Result};
-use bitnet_model::generation::{Sampler, SamplingParams};
+use bitnet_model::generation::{self, Sampler, SamplingParams};
 use bitnet_model::{ForCausalLM, Weights};
 use candle_core::{Device, Tensor};
 
@@ -22,10 +22,10 @@ pub struct Args {
     pub prompt_len: usize,
 
     /// Generation test tgN: N single-token forward passes from an empty cache, each copying its
-    /// logits to the host as sampling does (0 skips it). "tgN sampled" also picks each next
-    /// token with the host sampler at `generate`'s defaults (temperature 0.8, top-p 0.95), as
-    /// `generate` does. On CUDA "tgN greedy" decodes as `generate --temperature 0` does, with
-    /// the argmax on the GPU.
+    /// logits to the host (0 skips it). "tgN sampled" decodes as `generate` does at its
+    /// defaults (temperature 0.8, top-p 0.95): on CUDA the draw runs on the GPU, elsewhere the
+    /// host sampler picks from each step's logits. On CUDA "tgN greedy" decodes as `generate
+    /// --temperature 0` does, with the argmax on the GPU.
     #[arg(long, short = 'n', default_value_t = 64, value_name = "N")]
     pub gen: usize,
 
@@ -102,42 +102,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let tokens = random_tokens(args.gen);
         let rates = repeat(args.repetitions, || {
             let start = Instant::now();
-            decode(&mut model, tokens[0], args.gen, |_, fed| {
-                Ok(tokens[fed.len() % args.gen])
-            })?;
+            decode(&mut model, &tokens)?;
             Ok(args.gen as f64 / start.elapsed().as_secs_f64())
         })?;
         rows.push((format!("tg{}", args.gen), rates));
-        // What `generate` runs at its default sampling settings.
-        let rates = repeat(args.repetitions, || {
-            let mut sampler = Sampler::new(SamplingParams {
-                temperature: DEFAULT_TEMPERATURE,
-                top_p: Some(DEFAULT_TOP_P),
-                seed: args.seed,
-                ..SamplingParams::default()
-            })?;
-            let start = Instant::now();
-            decode(&mut model, tokens[0], args.gen, |logits, fed| {
-                Ok(sampler.sample(logits, fed)?)
-            })?;
-            Ok(args.gen as f64 / start.elapsed().as_secs_f64())
-        })?;
-        rows.push((format!("tg{} sampled", args.gen), rates));
+        // What `generate` runs at its default sampling settings, and on CUDA at temperature 0
+        // (where the argmax stays on the GPU).
+        let sampled = SamplingParams {
+            temperature: DEFAULT_TEMPERATURE,
+            top_p: Some(DEFAULT_TOP_P),
+            seed: args.seed,
+            ..SamplingParams::default()
+        };
+        let mut runs = vec![("sampled", sampled)];
         if model.device().is_cuda() {
-            // What `generate` runs at temperature 0: the argmax stays on the GPU.
+            runs.push(("greedy", SamplingParams::default()));
+        }
+        for (name, params) in runs {
             let rates = repeat(args.repetitions, || {
+                let mut sampler = Sampler::new(params.clone())?;
                 let start = Instant::now();
                 model.clear_cache();
-                bitnet_model::generation::decode_greedy(
-                    &mut model,
-                    tokens[0],
-                    0,
-                    args.gen,
-                    |_| Ok(true),
-                )?;
+                generation::decode(&mut model, &mut sampler, &tokens[..1], 0, args.gen, |_| {
+                    Ok(true)
+                })?;
                 Ok(args.gen as f64 / start.elapsed().as_secs_f64())
             })?;
-            rows.push((format!("tg{} greedy", args.gen), rates));
+            rows.push((format!("tg{} {name}", args.gen), rates));
         }
     }
 
@@ -212,22 +203,13 @@ fn prefill(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Decodes `n` tokens from an empty cache, starting with `first`, copying each step's logits
-/// to the host as `generate`'s sampler does (so that a GPU also finishes every step inside the
-/// timing); `next` picks the token fed at the following step from those logits and the tokens
-/// fed so far.
-fn decode(
-    model: &mut ForCausalLM,
-    first: u32,
-    n: usize,
-    mut next: impl FnMut(&[f32], &[u32]) -> Result<u32>,
-) -> Result<()> {
+/// Decodes the `tokens` from an empty cache, one forward pass each, copying each step's logits
+/// to the host (so that a GPU also finishes every step inside the timing).
+fn decode(model: &mut ForCausalLM, tokens: &[u32]) -> Result<()> {
     model.clear_cache();
-    let mut fed = vec![first];
-    for i in 0..n {
-        let ids = Tensor::new(&[fed[i]], &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
-        fed.push(next(&logits, &fed)?);
+    for (i, &t) in tokens.iter().enumerate() {
+        let ids = Tensor::new(&[t], &Device::Cpu)?.unsqueeze(0)?;
+        model.forward(&ids, i)?.flatten_all()?.to_vec1::<f32>()?;
     }
     Ok(())
 }

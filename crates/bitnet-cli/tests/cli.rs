@@ -197,7 +197,7 @@ fn sampling_is_reproducible_with_a_seed() {
     assert_eq!(a, go("7"));
 }
 
-/// Greedy decoding (`decode_greedy` after the first token) against the sampler's top-1 pick,
+/// Greedy decoding (`generation::decode` after the first token) against the sampler's top-1 pick,
 /// up to the end of the fixture's 256-token context and exactly at it.
 #[test]
 fn greedy_decoding_equals_top1_sampling_up_to_the_context_end() {

@@ -1069,3 +1069,389 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// (j) Sampling on the device (src/cuda/sample.rs): temperature, top-p and min-p, as the host
+// sampler filters (transformers' order), drawn without sorting. A token's weight is its softmax
+// numerator in 2^S fixed point, W = rint(exp(l/T - max/T) * 2^S) with S = 62 - ceil(log2 n), so
+// every sum is an exact u64 whatever the summation order: the draw is deterministic, and a CPU
+// twin that sorts (tests/cuda.rs) finds the same token bit for bit.
+//
+//   bitnet_sample_max        grid   the largest logit (its order key) and a NaN flag
+//   bitnet_sample_hist x3    grid   level 0 stores every W; each level histograms the mass by
+//                                   11, 11, then 10 bits of the order key below the prefix found
+//                                   so far; the last block to finish picks the bin where the mass
+//                                   from the top reaches top_p * total, so after level 2 the
+//                                   prefix is the order key of the top-p set's last rank
+//   bitnet_sample_draw       grid   each block's kept mass; the last block finds the chunk, then
+//                                   the id whose cumulative kept mass (in id order) passes
+//                                   u * kept, u from splitmix64(seed, position)
+//
+// Ranks follow the host's: logit descending in f32::total_cmp order, then id ascending; ties at
+// the top-p cut are kept in id order until the mass is reached. min-p keeps W >= min_p * 2^S.
+// ---------------------------------------------------------------------------------------------
+
+#define SAMPLE_THREADS 256
+#define SAMPLE_CHUNK 1024 // ids per block
+#define SAMPLE_MAX_BLOCKS 1024
+#define SAMPLE_BINS 2048
+
+// The scratch a draw works in (zeroed once; each draw leaves it zeroed for the next).
+struct SampleWork {
+    unsigned long long total; // sum of W
+    unsigned long long above; // mass of the ranks above the prefix's bin so far
+    unsigned long long ties;  // tokens at the cut's order key that top-p keeps
+    uint32_t maxord, nan, done, prefix, pad0, pad1;
+    unsigned long long hist[SAMPLE_BINS];
+    unsigned long long part_mass[SAMPLE_MAX_BLOCKS];
+    uint32_t part_ties[SAMPLE_MAX_BLOCKS];
+    // then W[n] (u64)
+};
+static_assert(sizeof(SampleWork) == 28720, "SAMPLE_WORK_BYTES in src/cuda/sample.rs");
+
+// params: [temperature, top_p, min_p (f32 bits), unused, seed low, seed high]
+struct SampleParams {
+    float temperature, top_p, min_p;
+    unsigned long long seed;
+};
+__device__ __forceinline__ SampleParams load_params(const uint32_t* p) {
+    SampleParams s;
+    s.temperature = __uint_as_float(p[0]);
+    s.top_p = __uint_as_float(p[1]);
+    s.min_p = __uint_as_float(p[2]);
+    s.seed = ((unsigned long long)p[5] << 32) | p[4];
+    return s;
+}
+
+// f32::total_cmp's order as an unsigned integer (ascending; -0 below +0).
+__device__ __forceinline__ uint32_t order_key(float v) {
+    const uint32_t u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float from_order_key(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ int weight_shift(int n) {
+    return 62 - (n > 1 ? 32 - __clz(n - 1) : 0);
+}
+
+// exp(x) for x <= 0, then times 2^s and rounded to an integer: Cody-Waite reduction by ln 2 and
+// a degree-13 Taylor polynomial, every step one rounded f64 operation (the twin repeats them).
+__device__ __forceinline__ unsigned long long fixed_exp(double x, int s) {
+    if (!(x >= -44.0)) return 0; // e^-44 * 2^62 < 0.5 (and NaN)
+    const double k = rint(__dmul_rn(x, 1.4426950408889634));
+    double r = __fma_rn(-k, 6.93147180369123816490e-01, x);
+    r = __fma_rn(-k, 1.90821492927058770002e-10, r);
+    double p = 1.6059043836821613e-10;
+    p = __fma_rn(p, r, 2.08767569878681e-09);
+    p = __fma_rn(p, r, 2.505210838544172e-08);
+    p = __fma_rn(p, r, 2.755731922398589e-07);
+    p = __fma_rn(p, r, 2.7557319223985893e-06);
+    p = __fma_rn(p, r, 2.48015873015873e-05);
+    p = __fma_rn(p, r, 0.0001984126984126984);
+    p = __fma_rn(p, r, 0.001388888888888889);
+    p = __fma_rn(p, r, 0.008333333333333333);
+    p = __fma_rn(p, r, 0.041666666666666664);
+    p = __fma_rn(p, r, 0.16666666666666666);
+    p = __fma_rn(p, r, 0.5);
+    p = __fma_rn(p, r, 1.0);
+    p = __fma_rn(p, r, 1.0);
+    const long long e = (long long)k + s;
+    return __double2ull_rn(__dmul_rn(p, __longlong_as_double((1023 + e) << 52)));
+}
+
+// W of logit l given the largest logit (and its order key), as the host computes z:
+// l / T - max / T in f32. The largest weighs exactly 2^s (also when it is +inf).
+__device__ __forceinline__ unsigned long long token_weight(float l, uint32_t ord, float maxv,
+                                                           uint32_t maxord, float t, int s) {
+    if (ord == maxord) return 1ull << s;
+    const float z = __fsub_rn(__fdiv_rn(l, t), __fdiv_rn(maxv, t));
+    return fixed_exp((double)z, s);
+}
+
+// Inclusive prefix sum over the block (SAMPLE_THREADS threads); `total` gets the block's sum.
+template <typename V>
+__device__ V block_scan(V v, V* red, V& total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        const V u = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += u;
+    }
+    if (lane == 31) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        V w = lane < SAMPLE_THREADS / 32 ? red[lane] : 0;
+        for (int o = 1; o < SAMPLE_THREADS / 32; o <<= 1) {
+            const V u = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += u;
+        }
+        if (lane < SAMPLE_THREADS / 32) red[lane] = w;
+    }
+    __syncthreads();
+    if (warp > 0) v += red[warp - 1];
+    total = red[SAMPLE_THREADS / 32 - 1];
+    __syncthreads();
+    return v;
+}
+
+// True in every thread of the block that finished last (after its writes were made visible).
+__device__ __forceinline__ bool last_block(uint32_t* done) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x - 1;
+    __syncthreads();
+    return last;
+}
+
+__device__ __forceinline__ unsigned long long* weights_of(SampleWork* w) {
+    return reinterpret_cast<unsigned long long*>(w + 1);
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    bitnet_sample_max(const float* __restrict__ logits, int n, SampleWork* work) {
+    const int base = blockIdx.x * SAMPLE_CHUNK;
+    uint32_t m = 0;
+    int nan = 0;
+    for (int i = base + threadIdx.x; i < min(n, base + SAMPLE_CHUNK); i += SAMPLE_THREADS) {
+        const float l = logits[i];
+        nan |= isnan(l);
+        if (!isnan(l)) m = max(m, order_key(l));
+    }
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    nan = __syncthreads_or(nan);
+    if ((threadIdx.x & 31) == 0) atomicMax(&work->maxord, m);
+    if (threadIdx.x == 0 && nan) atomicOr(&work->nan, 1u);
+}
+
+// Level 0: bits 31..21 of the order key; 1: 20..10 (below the level-0 bin); 2: 9..0.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    bitnet_sample_hist(const float* __restrict__ logits, int n, const uint32_t* params,
+                       SampleWork* work, int level) {
+    __shared__ unsigned long long h[SAMPLE_BINS];
+    __shared__ unsigned long long red[SAMPLE_THREADS / 32];
+    const SampleParams p = load_params(params);
+    const bool topp = p.top_p < 1.0f;
+    if (level > 0 && !topp) return;
+    const int shift = level == 0 ? 21 : level == 1 ? 10 : 0;
+    const int bins = level == 2 ? 1024 : SAMPLE_BINS;
+    const uint32_t maxord = work->maxord, prefix = work->prefix;
+    const float maxv = from_order_key(maxord);
+    const int s = weight_shift(n);
+    unsigned long long* wts = weights_of(work);
+    for (int b = threadIdx.x; b < bins; b += SAMPLE_THREADS) h[b] = 0;
+    __syncthreads();
+    const int base = blockIdx.x * SAMPLE_CHUNK;
+    unsigned long long sum = 0;
+    for (int i = base + threadIdx.x; i < min(n, base + SAMPLE_CHUNK); i += SAMPLE_THREADS) {
+        const float l = logits[i];
+        const uint32_t ord = order_key(l);
+        unsigned long long w;
+        if (level == 0) {
+            w = isnan(l) ? 0 : token_weight(l, ord, maxv, maxord, p.temperature, s);
+            wts[i] = w;
+            sum += w;
+        } else {
+            w = wts[i];
+        }
+        const bool inside = level == 0 || (ord >> (shift + (level == 1 ? 11 : 10))) == prefix;
+        if (topp && w && inside) atomicAdd(&h[(ord >> shift) & (bins - 1)], w);
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < bins; b += SAMPLE_THREADS)
+        if (h[b]) atomicAdd(&work->hist[b], h[b]);
+    if (level == 0) {
+        unsigned long long total;
+        block_scan(sum, red, total);
+        if (threadIdx.x == 0) atomicAdd(&work->total, total);
+    }
+    if (!last_block(&work->done)) return;
+    if (!topp) {
+        if (threadIdx.x == 0) work->done = 0;
+        return;
+    }
+
+    // The last block: the bin in which the mass from the top reaches top_p * total (one exists:
+    // the target is at most the mass below the prefix, which the bins hold).
+    __shared__ int found;
+    __shared__ unsigned long long before;
+    if (threadIdx.x == 0) found = 0, before = 0;
+    const unsigned long long total = __ldcg(&work->total);
+    const unsigned long long target =
+        (unsigned long long)ceil(__dmul_rn((double)p.top_p, (double)total));
+    const unsigned long long rem = target - (level == 0 ? 0 : __ldcg(&work->above));
+    const int per = bins / SAMPLE_THREADS;
+    const int hi = bins - 1 - threadIdx.x * per; // this thread's bins: hi, hi - 1, ...
+    unsigned long long mine = 0;
+    for (int j = 0; j < per; ++j) mine += __ldcg(&work->hist[hi - j]);
+    unsigned long long all;
+    const unsigned long long incl = block_scan(mine, red, all);
+    const unsigned long long excl = incl - mine;
+    if (excl < rem && rem <= incl) {
+        unsigned long long c = excl;
+        for (int j = 0; j < per; ++j) {
+            const unsigned long long m = __ldcg(&work->hist[hi - j]);
+            if (c + m >= rem) {
+                found = hi - j;
+                before = c;
+                break;
+            }
+            c += m;
+        }
+    }
+    __syncthreads();
+    for (int j = 0; j < per; ++j) work->hist[hi - j] = 0;
+    if (threadIdx.x == 0) {
+        const uint32_t key = (prefix << (level == 2 ? 10 : 11)) | (uint32_t)found;
+        work->prefix = key;
+        work->above = (level == 0 ? 0 : work->above) + before;
+        if (level == 2) {
+            // Every token at the cut's key has the same weight; keep as many as reach the mass.
+            const unsigned long long w =
+                token_weight(from_order_key(key), key, maxv, maxord, p.temperature, s);
+            const unsigned long long left = rem - before;
+            work->ties = (left + w - 1) / w;
+        }
+        work->done = 0;
+    }
+}
+
+// splitmix64 of the seed and the position: a uniform double in [0, 1).
+__device__ __forceinline__ double draw_uniform(unsigned long long seed, uint32_t position) {
+    unsigned long long z = seed + (position + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * 0x1.0p-53;
+}
+
+// Whether a token is kept: 1 above the cut, 2 at its key (kept by rank among those), 0 not.
+__device__ __forceinline__ int kept_class(uint32_t ord, unsigned long long w, bool topp,
+                                          uint32_t cut, double wmin) {
+    if (w == 0 || (double)w < wmin) return 0;
+    if (!topp || ord > cut) return 1;
+    return ord == cut ? 2 : 0;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    bitnet_sample_draw(const float* __restrict__ logits, int n, const uint32_t* params,
+                       SampleWork* work, uint32_t* state) {
+    __shared__ unsigned long long red[SAMPLE_THREADS / 32];
+    __shared__ uint32_t redc[SAMPLE_THREADS / 32];
+    const SampleParams p = load_params(params);
+    const bool topp = p.top_p < 1.0f;
+    const uint32_t cut = work->prefix;
+    const int s = weight_shift(n);
+    const double wmin = p.min_p > 0.0f ? __dmul_rn((double)p.min_p, (double)(1ull << s)) : 0.0;
+    const unsigned long long* wts = weights_of(work);
+    const int base = blockIdx.x * SAMPLE_CHUNK;
+    unsigned long long mass = 0;
+    uint32_t ties = 0;
+    for (int i = base + threadIdx.x; i < min(n, base + SAMPLE_CHUNK); i += SAMPLE_THREADS) {
+        const unsigned long long w = wts[i];
+        const int k = kept_class(order_key(logits[i]), w, topp, cut, wmin);
+        if (k == 1) mass += w;
+        ties += k == 2;
+    }
+    unsigned long long bm;
+    uint32_t bt;
+    block_scan(mass, red, bm);
+    block_scan(ties, redc, bt);
+    if (threadIdx.x == 0) {
+        work->part_mass[blockIdx.x] = bm;
+        work->part_ties[blockIdx.x] = bt;
+    }
+    if (!last_block(&work->done)) return;
+
+    // The last block: chunk masses in id order (the tied tokens kept by rank), then the chunk
+    // and the id where the cumulative mass passes the draw.
+    __shared__ unsigned long long chunk_before, target;
+    __shared__ uint32_t chunk_ties_before;
+    __shared__ int chunk;
+    const int blocks = gridDim.x;
+    const unsigned long long m_ties = topp ? __ldcg(&work->ties) : 0;
+    const uint32_t maxord = __ldcg(&work->maxord);
+    const unsigned long long w_cut =
+        topp ? token_weight(from_order_key(cut), cut, from_order_key(maxord), maxord,
+                            p.temperature, s)
+             : 0;
+    const int per = SAMPLE_MAX_BLOCKS / SAMPLE_THREADS;
+    uint32_t ct[per];
+    unsigned long long cm[per];
+    uint32_t my_ties = 0;
+    for (int j = 0; j < per; ++j) {
+        const int b = threadIdx.x * per + j;
+        ct[j] = b < blocks ? __ldcg(&work->part_ties[b]) : 0;
+        cm[j] = b < blocks ? __ldcg(&work->part_mass[b]) : 0;
+        my_ties += ct[j];
+    }
+    uint32_t all_ties;
+    uint32_t tie_pos = block_scan(my_ties, redc, all_ties) - my_ties;
+    unsigned long long my_mass = 0;
+    for (int j = 0; j < per; ++j) {
+        const unsigned long long before = tie_pos;
+        const unsigned long long keep =
+            before >= m_ties ? 0 : min((unsigned long long)ct[j], m_ties - before);
+        cm[j] += keep * w_cut;
+        tie_pos += ct[j];
+        my_mass += cm[j];
+    }
+    unsigned long long kept;
+    unsigned long long pos = block_scan(my_mass, red, kept) - my_mass;
+    const bool bad = __ldcg(&work->nan) != 0 || kept == 0;
+    const double u = draw_uniform(p.seed, state[1]);
+    unsigned long long r = (unsigned long long)__dmul_rn(u, (double)kept);
+    if (r >= kept) r = kept - 1;
+    tie_pos -= my_ties;
+    for (int j = 0; j < per; ++j) {
+        if (!bad && pos <= r && r < pos + cm[j]) {
+            chunk = threadIdx.x * per + j;
+            chunk_before = pos;
+            chunk_ties_before = tie_pos;
+            target = r;
+        }
+        pos += cm[j];
+        tie_pos += ct[j];
+    }
+    __syncthreads();
+    if (!bad) {
+        // Walk the chunk: four consecutive ids per thread, in id order across threads.
+        const int i0 = chunk * SAMPLE_CHUNK + 4 * threadIdx.x;
+        unsigned long long w[4];
+        int k[4];
+        uint32_t nt = 0;
+        for (int j = 0; j < 4; ++j) {
+            const int i = i0 + j;
+            w[j] = i < n ? wts[i] : 0;
+            k[j] = i < n ? kept_class(order_key(logits[i]), w[j], topp, cut, wmin) : 0;
+            nt += k[j] == 2;
+        }
+        uint32_t tt;
+        uint32_t tpos = chunk_ties_before + block_scan(nt, redc, tt) - nt;
+        unsigned long long mm = 0;
+        for (int j = 0; j < 4; ++j) {
+            if (k[j] == 2) w[j] = tpos++ < m_ties ? w[j] : 0;
+            else if (k[j] == 0) w[j] = 0;
+            mm += w[j];
+        }
+        unsigned long long cmass;
+        unsigned long long c = chunk_before + block_scan(mm, red, cmass) - mm;
+        for (int j = 0; j < 4; ++j) {
+            if (c <= target && target < c + w[j]) state[0] = (uint32_t)(i0 + j);
+            c += w[j];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (bad) state[0] = 0xffffffffu;
+        state[1] += 1;
+        work->total = 0;
+        work->above = 0;
+        work->ties = 0;
+        work->maxord = 0;
+        work->nan = 0;
+        work->done = 0;
+        work->prefix = 0;
+    }
+}

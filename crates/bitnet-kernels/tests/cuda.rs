@@ -889,3 +889,316 @@ fn greedy_next_and_embed_row_match_the_host() {
         );
     }
 }
+
+/// The device sampler's CPU twin: the same fixed-point weights (every f64 step as the kernel
+/// rounds it), but the top-p cut by sorting the ranks and walking them, as the host sampler does.
+mod draw_twin {
+    use bitnet_kernels::cuda::greedy::NAN_TOKEN;
+    use bitnet_kernels::cuda::sample::DrawParams;
+
+    pub fn order_key(v: f32) -> u32 {
+        let u = v.to_bits();
+        if u >> 31 == 1 {
+            !u
+        } else {
+            u | 1 << 31
+        }
+    }
+
+    fn fixed_exp(x: f64, s: i32) -> u64 {
+        if x.is_nan() || x < -44.0 {
+            return 0;
+        }
+        let k = (x * std::f64::consts::LOG2_E).round_ties_even();
+        let r = (-k).mul_add(6.931_471_803_691_238e-1, x);
+        let r = (-k).mul_add(1.908_214_929_270_587_7e-10, r);
+        let c = [
+            2.087_675_698_786_81e-9,
+            2.505_210_838_544_172e-8,
+            2.755_731_922_398_589e-7,
+            2.755_731_922_398_589_3e-6,
+            2.480_158_730_158_73e-5,
+            1.984_126_984_126_984e-4,
+            1.388_888_888_888_889e-3,
+            8.333_333_333_333_333e-3,
+            4.166_666_666_666_666_4e-2,
+            1.666_666_666_666_666_6e-1,
+            0.5,
+            1.0,
+            1.0,
+        ];
+        let p = c
+            .iter()
+            .fold(1.605_904_383_682_161_3e-10_f64, |p, &c| p.mul_add(r, c));
+        let e = k as i64 + i64::from(s);
+        (p * f64::from_bits(((1023 + e) as u64) << 52)).round_ties_even() as u64
+    }
+
+    fn splitmix(seed: u64, position: u32) -> f64 {
+        let mut z =
+            seed.wrapping_add((u64::from(position) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 * (-53f64).exp2()
+    }
+
+    /// The kept tokens' weights (0 if dropped), or None if a logit is NaN.
+    pub fn kept(logits: &[f32], p: &DrawParams) -> Option<Vec<u64>> {
+        if logits.iter().any(|l| l.is_nan()) {
+            return None;
+        }
+        let n = logits.len();
+        let s = 62
+            - if n > 1 {
+                32 - (n as u32 - 1).leading_zeros() as i32
+            } else {
+                0
+            };
+        let maxord = logits.iter().map(|&l| order_key(l)).max()?;
+        let max = logits[logits.iter().position(|&l| order_key(l) == maxord)?];
+        let t = p.temperature;
+        let mut w: Vec<u64> = logits
+            .iter()
+            .map(|&l| {
+                if order_key(l) == maxord {
+                    1 << s
+                } else {
+                    fixed_exp(f64::from(l / t - max / t), s)
+                }
+            })
+            .collect();
+        if p.top_p < 1.0 {
+            let total: u64 = w.iter().sum();
+            let target = (f64::from(p.top_p) * total as f64).ceil() as u64;
+            let mut ranks: Vec<usize> = (0..n).collect();
+            ranks.sort_by_key(|&i| (std::cmp::Reverse(order_key(logits[i])), i));
+            let mut cumulative = 0;
+            let mut cut = n;
+            for (r, &i) in ranks.iter().enumerate() {
+                cumulative += w[i];
+                if cumulative >= target {
+                    cut = r + 1;
+                    break;
+                }
+            }
+            for &i in &ranks[cut..] {
+                w[i] = 0;
+            }
+        }
+        let wmin = f64::from(p.min_p) * (1u64 << s) as f64;
+        for w in w.iter_mut() {
+            if (*w as f64) < wmin {
+                *w = 0;
+            }
+        }
+        Some(w)
+    }
+
+    pub fn draw(logits: &[f32], p: &DrawParams, position: u32) -> u32 {
+        let Some(w) = kept(logits, p) else {
+            return NAN_TOKEN;
+        };
+        let total: u64 = w.iter().sum();
+        let r = ((splitmix(p.seed, position) * total as f64) as u64).min(total - 1);
+        let mut c = 0;
+        for (i, &w) in w.iter().enumerate() {
+            if c <= r && r < c + w {
+                return i as u32;
+            }
+            c += w;
+        }
+        unreachable!("r < total")
+    }
+}
+
+fn sampler_cases(rng: &mut StdRng, n: usize) -> Vec<Vec<f32>> {
+    let normal = |rng: &mut StdRng, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let (a, b): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+                scale * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+            })
+            .collect()
+    };
+    let mut cases = vec![normal(rng, 3.0), normal(rng, 0.2)];
+    // BF16-valued logits (as a BF16 model's head gives): many exact ties.
+    cases.push(
+        normal(rng, 4.0)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect(),
+    );
+    // Ties at every level, -0 against +0, -inf, a peaked row.
+    cases.push((0..n).map(|i| (i % 7) as f32).collect());
+    let mut special = normal(rng, 1.0);
+    for (i, v) in special.iter_mut().enumerate() {
+        match i % 5 {
+            0 => *v = f32::NEG_INFINITY,
+            1 => *v = if i % 2 == 0 { -0.0 } else { 0.0 },
+            _ => {}
+        }
+    }
+    cases.push(special);
+    let mut peaked = normal(rng, 1.0);
+    peaked[n / 3] = 40.0;
+    cases.push(peaked);
+    let mut inf = normal(rng, 1.0);
+    inf[n - 1] = f32::INFINITY;
+    cases.push(inf);
+    cases
+}
+
+#[test]
+fn device_sampler_matches_its_twin() {
+    use cuda::greedy::NAN_TOKEN;
+    use cuda::sample::{DeviceSampler, DrawParams};
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(23);
+    let params = [
+        (0.8, 0.95, 0.0),
+        (1.0, 1.0, 0.0),
+        (0.3, 0.5, 0.0),
+        (2.0, 0.1, 0.0),
+        (1.0, 1e-6, 0.0),
+        (0.7, 1.0, 0.05),
+        (1.5, 0.9, 0.5),
+    ];
+    let mut checked = 0;
+    for n in [1, 2, 3, 255, 1024, 1025, 4097, 50_000, 128_256] {
+        let first = DrawParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 1,
+        };
+        let mut sampler = DeviceSampler::new(dev, n, &first).unwrap();
+        for (c, x) in sampler_cases(&mut rng, n).iter().enumerate() {
+            let logits = Tensor::from_slice(x, (1, n), dev).unwrap();
+            for &(temperature, top_p, min_p) in &params {
+                let p = DrawParams {
+                    temperature,
+                    top_p,
+                    min_p,
+                    seed: rng.random(),
+                };
+                sampler.set_params(&p).unwrap();
+                for position in [0u32, 1, 77, rng.random_range(0..1 << 20)] {
+                    let state = Tensor::new(&[7u32, position], dev).unwrap();
+                    sampler.next(&state, &logits).unwrap();
+                    let want = draw_twin::draw(x, &p, position);
+                    assert_ne!(want, NAN_TOKEN);
+                    assert_eq!(
+                        state.to_vec1::<u32>().unwrap(),
+                        [want, position + 1],
+                        "n {n} case {c} T {temperature} top-p {top_p} min-p {min_p} at {position}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        // NaN is reported, and the scratch is clean for the next draw.
+        sampler.set_params(&first).unwrap();
+        let mut nan = sampler_cases(&mut rng, n).swap_remove(0);
+        nan[n / 2] = f32::NAN;
+        let state = Tensor::new(&[0u32, 5], dev).unwrap();
+        sampler
+            .next(&state, &Tensor::from_slice(&nan, n, dev).unwrap())
+            .unwrap();
+        assert_eq!(state.to_vec1::<u32>().unwrap(), [NAN_TOKEN, 6], "n {n} NaN");
+        nan[n / 2] = 0.25;
+        sampler
+            .next(&state, &Tensor::from_slice(&nan, n, dev).unwrap())
+            .unwrap();
+        assert_eq!(
+            state.to_vec1::<u32>().unwrap()[0],
+            draw_twin::draw(&nan, &first, 6)
+        );
+    }
+    eprintln!("{checked} draws equal to the twin");
+    // Wrong sizes and dtypes are errors.
+    let sampler = DeviceSampler::new(
+        dev,
+        10,
+        &DrawParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+        },
+    )
+    .unwrap();
+    let state = Tensor::new(&[0u32, 0], dev).unwrap();
+    assert!(sampler
+        .next(&state, &Tensor::zeros(11, DType::F32, dev).unwrap())
+        .is_err());
+    assert!(sampler
+        .next(&state, &Tensor::zeros(10, DType::BF16, dev).unwrap())
+        .is_err());
+    let bad = DrawParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 0,
+    };
+    assert!(DeviceSampler::new(dev, 10, &bad).is_err());
+}
+
+#[test]
+fn device_sampler_replays_in_a_graph_and_follows_the_distribution() {
+    use cuda::greedy::TokenReadback;
+    use cuda::sample::{DeviceSampler, DrawParams};
+    let dev = gpu();
+    // Eight tokens: top-p 0.9 at temperature 1 keeps the four best (mass 0.903...).
+    let x = [2.0f32, 0.5, 1.0, -1.0, 1.5, -3.0, 0.0, -0.5];
+    let p = DrawParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        min_p: 0.0,
+        seed: 99,
+    };
+    let sampler = DeviceSampler::new(dev, x.len(), &p).unwrap();
+    let logits = Tensor::from_slice(&x, x.len(), dev).unwrap();
+    let state = Tensor::new(&[0u32, 0], dev).unwrap();
+    let cuda = dev.as_cuda_device().unwrap();
+    let graph = cuda::Graph::capture(cuda, || sampler.next(&state, &logits)).unwrap();
+    let mut readback = TokenReadback::new(dev).unwrap();
+    let draws = 20_000;
+    let mut counts = [0usize; 8];
+    for position in 0..draws {
+        graph.launch().unwrap();
+        readback.queue(&state).unwrap();
+        let token = readback.wait().unwrap();
+        assert_eq!(
+            token,
+            draw_twin::draw(&x, &p, position),
+            "replay at {position}"
+        );
+        counts[token as usize] += 1;
+    }
+    assert_eq!(state.to_vec1::<u32>().unwrap()[1], draws);
+    // Against the softmax over the kept set in f64 (the host sampler's distribution).
+    let e: Vec<f64> = x.iter().map(|&l| f64::from(l - 2.0).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let mut ranked: Vec<usize> = (0..8).collect();
+    ranked.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+    let mut cumulative = 0.0;
+    let mut keep = [false; 8];
+    for &i in &ranked {
+        keep[i] = true;
+        cumulative += e[i] / total;
+        if cumulative >= 0.9 {
+            break;
+        }
+    }
+    let kept: f64 = (0..8).filter(|&i| keep[i]).map(|i| e[i]).sum();
+    for i in 0..8 {
+        let want = if keep[i] { e[i] / kept } else { 0.0 };
+        let got = counts[i] as f64 / f64::from(draws);
+        let sigma = (want * (1.0 - want) / f64::from(draws)).sqrt();
+        assert!(
+            (got - want).abs() <= 5.0 * sigma + 1e-12,
+            "token {i}: {got:.4} drawn, {want:.4} expected ({counts:?})"
+        );
+    }
+}

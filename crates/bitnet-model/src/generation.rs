@@ -101,10 +101,25 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
-    /// True when every pick is the plain argmax (temperature 0, no repetition penalty), so
-    /// [`generate`] can use [`decode_greedy`].
+    /// True when every pick is the plain argmax (temperature 0, no repetition penalty).
     pub fn is_greedy(&self) -> bool {
         self.params.temperature == 0.0 && self.params.repeat_penalty == 1.0
+    }
+
+    /// The parameters of a draw the GPU can make itself: a temperature above 0 without top-k
+    /// or a repetition penalty (which need the logits on the host).
+    #[cfg(feature = "cuda")]
+    fn device_draw(&self) -> Option<bitnet_kernels::cuda::sample::DrawParams> {
+        let p = &self.params;
+        let top_k = p.top_k.is_some_and(|k| k > 0);
+        (p.temperature > 0.0 && !top_k && p.repeat_penalty == 1.0).then(|| {
+            bitnet_kernels::cuda::sample::DrawParams {
+                temperature: p.temperature,
+                top_p: p.top_p.unwrap_or(1.0),
+                min_p: p.min_p.unwrap_or(0.0),
+                seed: p.seed,
+            }
+        })
     }
 
     /// The next token given one position's logits and the tokens so far.
@@ -434,18 +449,18 @@ pub fn generate(
     let start = Instant::now();
     let mut input = Tensor::new(prompt, &device)?.unsqueeze(0)?;
     let mut position = offset;
-    let mut last = 0;
     for step in 0..options.max_tokens {
         if position + input.dim(1)? > context {
             out.generated.stop = StopReason::ContextFull;
             break;
         }
-        if step > 0 && sampler.is_greedy() {
-            // The same tokens, through the loop that keeps a GPU busy (see `decode_greedy`).
+        if step > 0 {
+            // The rest through the loop that keeps a GPU busy (see `decode`).
             let wanted = options.max_tokens - step;
             let budget = wanted.min(context - position);
             let mut stopped = false;
-            decode_greedy(model, last, position, budget, |t| {
+            let history = out.history.clone();
+            decode(model, sampler, &history, position, budget, |t| {
                 stopped = !out.accept(t)?;
                 Ok(!stopped)
             })?;
@@ -466,7 +481,6 @@ pub fn generate(
         if !out.accept(token)? {
             break;
         }
-        last = token;
         input = Tensor::new(&[token], &device)?.unsqueeze(0)?;
     }
     let mut generated = out.finish()?;
@@ -474,22 +488,33 @@ pub fn generate(
     Ok(generated)
 }
 
-/// Greedy decoding from `token` at position `offset`: feeds it, then each next token (the
-/// argmax, as [`Sampler`] picks at temperature 0 without a repetition penalty), passing every
-/// new token to `on_token` until it returns false or `max_tokens` were produced. Returns how
-/// many were. The KV cache then holds `offset + produced` positions (the last token is not
-/// fed), as after the same steps through [`ForCausalLM::forward`].
+/// Decodes from the last of `history` (the tokens so far, which a repetition penalty looks at),
+/// fed at position `offset`: each next token is picked by `sampler` and passed to `on_token`
+/// until it returns false or `max_tokens` were produced. Returns how many were. The KV cache
+/// then holds `offset + produced` positions (the last token is not fed), as after the same
+/// steps through [`ForCausalLM::forward`].
 ///
-/// On a CUDA model with a BF16 embedding the argmax and the embedding lookup run on the GPU,
-/// and each step is queued before the previous token is read (docs/CUDA.md); elsewhere each
-/// step is a [`ForCausalLM::forward`] and an argmax on the host. The tokens are the same.
-pub fn decode_greedy(
+/// On a CUDA model with a BF16 embedding the pick runs on the GPU — the argmax, or a draw at a
+/// temperature with top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is queued
+/// before the previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn
+/// tokens follow the host sampler's distribution from the device's own random numbers (seeded
+/// by the sampler's seed and the position). Elsewhere, and with top-k or a repetition
+/// penalty, each step is a [`ForCausalLM::forward`] and [`Sampler::sample`] on the host.
+pub fn decode(
     model: &mut ForCausalLM,
-    token: u32,
+    sampler: &mut Sampler,
+    history: &[u32],
     offset: usize,
     max_tokens: usize,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<usize> {
+    let Some(&token) = history.last() else {
+        return Err(Error::InvalidArgument {
+            name: "history",
+            value: "[]".into(),
+            reason: "decoding starts from the last token so far; give at least one".into(),
+        });
+    };
     let context = model.max_context();
     if offset + max_tokens > context {
         return Err(Error::InvalidArgument {
@@ -499,9 +524,13 @@ pub fn decode_greedy(
         });
     }
     #[cfg(feature = "cuda")]
-    if model.greedy_on_cuda() {
-        return model.decode_greedy_cuda(token, offset, max_tokens, on_token);
+    if model.picks_on_cuda() {
+        let draw = sampler.device_draw();
+        if draw.is_some() || sampler.is_greedy() {
+            return model.decode_on_cuda(token, offset, max_tokens, draw.as_ref(), on_token);
+        }
     }
+    let mut history = history.to_vec();
     let mut token = token;
     for i in 0..max_tokens {
         let ids = Tensor::new(&[[token]], &Device::Cpu)?;
@@ -509,8 +538,8 @@ pub fn decode_greedy(
             .forward(&ids, offset + i)?
             .squeeze(0)?
             .to_vec1::<f32>()?;
-        check_nan(&logits)?;
-        token = argmax(&logits);
+        token = sampler.sample(&logits, &history)?;
+        history.push(token);
         if !on_token(token)? {
             return Ok(i + 1);
         }

@@ -12,12 +12,13 @@
 //!   logits into a fixed tensor; the position-dependent kernels read the position from device
 //!   memory. The recording writes into the KV buffers, so it is redone when they are regrown
 //!   or dropped.
-//! - the step ends with the greedy pick on the device (`cuda::greedy`): its input is a
+//! - the step ends with the next token picked on the device: the argmax (`cuda::greedy`) or,
+//!   at a temperature, a draw with top-p and min-p (`cuda::sample`). Its input is a
 //!   `[token, position]` state in device memory that the step advances, and the embedding row
-//!   is looked up there too (BF16 tables). Greedy decoding ([`ForCausalLM::decode_greedy_cuda`])
-//!   then queues step `n + 1` before reading step `n`'s token (four bytes instead of the 513 KB
-//!   of logits), so the GPU does not wait for the host between steps. Sampling reads the logits
-//!   as before and writes the state from the host.
+//!   is looked up there too (BF16 tables). Decoding ([`ForCausalLM::decode_on_cuda`]) then
+//!   queues step `n + 1` before reading step `n`'s token (four bytes instead of the 513 KB of
+//!   logits), so the GPU does not wait for the host between steps. Top-k and the repetition
+//!   penalty read the logits as before and write the state from the host.
 //!
 //! The first step after (re)allocation runs eagerly (which also loads kernels and uploads
 //! weights, as recording requires) and is then recorded. If recording fails (an op that
@@ -25,6 +26,7 @@
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
 use bitnet_kernels::cuda::greedy::{self, TokenReadback, NAN_TOKEN};
+use bitnet_kernels::cuda::sample::{DeviceSampler, DrawParams};
 use bitnet_kernels::cuda::{copy_from_host, Graph};
 use candle_core::{DType, Device, Module, Tensor, TensorId};
 
@@ -36,11 +38,14 @@ use crate::head::LmHead;
 #[derive(Debug, Default)]
 pub(crate) struct DecodeGraph {
     io: Option<StepIo>,
-    recorded: Option<(Vec<TensorId>, Graph)>,
+    /// The recording, the KV buffers it wrote and whether it ends with `sampler`'s draw.
+    recorded: Option<(Vec<TensorId>, bool, Graph)>,
     /// Why recording failed, if it did (decoding then stays eager).
     failed: Option<String>,
-    /// Where greedy decoding reads each token.
+    /// Where decoding on the device reads each token.
     readback: Option<TokenReadback>,
+    /// The draw of the last sampled decoding, kept for its recording.
+    sampler: Option<DeviceSampler>,
 }
 
 impl Clone for DecodeGraph {
@@ -52,8 +57,7 @@ impl Clone for DecodeGraph {
 /// Inputs and output of one recorded step.
 #[derive(Debug)]
 struct StepIo {
-    /// `[token, position]` u32: the step's input, replaced by the greedy next token and the
-    /// next position.
+    /// `[token, position]` u32: the step's input, replaced by the next token and position.
     state: Tensor,
     /// The embedded token, `[1, 1, hidden]` in the model dtype, written by the host when the
     /// embedding is not looked up on the device.
@@ -87,9 +91,15 @@ impl Attention {
     }
 }
 
-/// One decode step from `io.state` into `io.logits` and the next state: what is recorded and
-/// replayed.
-fn step(model: &Model, head: &LmHead, cache: &Cache, io: &StepIo) -> candle_core::Result<()> {
+/// One decode step from `io.state` into `io.logits` and the next state (the argmax, or a draw
+/// by `sampler`): what is recorded and replayed.
+fn step(
+    model: &Model,
+    head: &LmHead,
+    cache: &Cache,
+    io: &StepIo,
+    sampler: Option<&DeviceSampler>,
+) -> candle_core::Result<()> {
     let buffers = cache.buffers()?;
     let embed = &model.embed_tokens;
     let x = if embed.looks_up_on_device() {
@@ -108,7 +118,10 @@ fn step(model: &Model, head: &LmHead, cache: &Cache, io: &StepIo) -> candle_core
     let h = hidden.dim(2)?;
     let logits = head.forward(&hidden.reshape((1, h))?)?;
     io.logits.slice_set(&logits, 0, 0)?;
-    greedy::greedy_next(&io.state, &io.logits)
+    match sampler {
+        Some(s) => s.next(&io.state, &io.logits),
+        None => greedy::greedy_next(&io.state, &io.logits),
+    }
 }
 
 /// `offset` as a device position.
@@ -152,7 +165,7 @@ impl ForCausalLM {
             io.x.slice_set(&x.reshape(io.x.shape())?, 0, 0)?;
         }
         copy_from_host(&io.state, &Tensor::new(&state, &Device::Cpu)?)?;
-        self.run_step(offset)?;
+        self.run_step(offset, false)?;
         self.step_io()?.logits.copy()
     }
 
@@ -171,31 +184,46 @@ impl ForCausalLM {
         }
     }
 
-    /// Queues the step at `offset` from the state already on the device: replays the recording,
-    /// or runs the step eagerly and records it when the KV buffers are new.
-    fn run_step(&mut self, offset: usize) -> candle_core::Result<()> {
+    /// Queues the step at `offset` from the state already on the device, ending with the argmax
+    /// or (`sample`) the draw of the sampler set up by [`ForCausalLM::decode_on_cuda`]: replays
+    /// the recording, or runs the step eagerly and records it when the KV buffers or the pick
+    /// are new.
+    fn run_step(&mut self, offset: usize, sample: bool) -> candle_core::Result<()> {
         let max = self.max_context();
         let dev = self.device().clone();
         let c = &self.config;
         let dims = (1, c.num_key_value_heads, c.head_dim);
         self.cache.reserve(dims, offset + 1, max, &dev)?;
         self.step_io()?;
-        let graph = &mut self.decode_graph;
-        let Some(io) = &graph.io else {
+        let DecodeGraph {
+            io,
+            recorded,
+            failed,
+            sampler,
+            ..
+        } = &mut self.decode_graph;
+        let Some(io) = io else {
             candle_core::bail!("decode step tensors missing");
         };
+        let sampler = match (sample, sampler) {
+            (false, _) => None,
+            (true, Some(s)) => Some(&*s),
+            (true, None) => candle_core::bail!("decode step: no device sampler set up"),
+        };
         let ids_now = self.cache.buffer_ids();
-        match &graph.recorded {
-            Some((ids, g)) if self.cuda_graphs && *ids == ids_now => g.launch()?,
+        match recorded {
+            Some((ids, s, g)) if self.cuda_graphs && *ids == ids_now && *s == sample => {
+                g.launch()?
+            }
             _ => {
-                graph.recorded = None;
-                step(&self.model, &self.lm_head, &self.cache, io)?;
-                if self.cuda_graphs && graph.failed.is_none() {
+                *recorded = None;
+                step(&self.model, &self.lm_head, &self.cache, io, sampler)?;
+                if self.cuda_graphs && failed.is_none() {
                     let cuda = dev.as_cuda_device()?;
                     let (model, head, cache) = (&self.model, &self.lm_head, &self.cache);
-                    match Graph::capture(cuda, || step(model, head, cache, io)) {
-                        Ok(g) => graph.recorded = Some((ids_now, g)),
-                        Err(e) => graph.failed = Some(e.to_string()),
+                    match Graph::capture(cuda, || step(model, head, cache, io, sampler)) {
+                        Ok(g) => *recorded = Some((ids_now, sample, g)),
+                        Err(e) => *failed = Some(e.to_string()),
                     }
                 }
             }
@@ -204,27 +232,28 @@ impl ForCausalLM {
         Ok(())
     }
 
-    /// True when [`ForCausalLM::decode_greedy_cuda`] runs on the device: a CUDA decode step
-    /// whose embedding rows are looked up there.
-    pub(crate) fn greedy_on_cuda(&self) -> bool {
+    /// True when [`ForCausalLM::decode_on_cuda`] runs on the device: a CUDA decode step whose
+    /// embedding rows are looked up there.
+    pub(crate) fn picks_on_cuda(&self) -> bool {
         self.decodes_on_cuda(1, 1) && self.model.embed_tokens.looks_up_on_device()
     }
 
-    /// Greedy decoding on the device (see the module docs and `generation::decode_greedy`, which
-    /// checks the context and whose contract this keeps): feeds `token` at `offset`, then each
-    /// argmax, until `on_token` returns false or `max_tokens` were produced; returns how many
-    /// were.
-    pub(crate) fn decode_greedy_cuda<E: From<candle_core::Error>>(
+    /// Decoding on the device (see the module docs and `generation::decode`, which checks the
+    /// context and whose contract this keeps): feeds `token` at `offset`, then each next token
+    /// (the argmax, or drawn with `draw`), until `on_token` returns false or `max_tokens` were
+    /// produced; returns how many were.
+    pub(crate) fn decode_on_cuda<E: From<candle_core::Error>>(
         &mut self,
         token: u32,
         offset: usize,
         max_tokens: usize,
+        draw: Option<&DrawParams>,
         mut on_token: impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, E> {
         if max_tokens == 0 {
             return Ok(0);
         }
-        let r = self.greedy_steps(token, offset, max_tokens, &mut on_token);
+        let r = self.device_steps(token, offset, max_tokens, draw, &mut on_token);
         if matches!(r, Err(Fail::Model(_))) {
             // As in `decode_cuda`: a failed step may have written some layers only.
             self.cache.clear();
@@ -235,11 +264,12 @@ impl ForCausalLM {
         })
     }
 
-    fn greedy_steps<E>(
+    fn device_steps<E>(
         &mut self,
         token: u32,
         offset: usize,
         max_tokens: usize,
+        draw: Option<&DrawParams>,
         on_token: &mut impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, Fail<E>> {
         // `prepare` checks the token and rewinds the cache; the caller checked that the last
@@ -247,32 +277,40 @@ impl ForCausalLM {
         self.prepare(&Tensor::new(&[[token]], &Device::Cpu)?, offset)?;
         let state = [token, position(offset)?];
         copy_from_host(&self.step_io()?.state, &Tensor::new(&state, &Device::Cpu)?)?;
+        if let Some(draw) = draw {
+            let (device, vocab) = (self.device().clone(), self.config.vocab_size);
+            match &mut self.decode_graph.sampler {
+                Some(s) => s.set_params(draw)?,
+                s @ None => *s = Some(DeviceSampler::new(&device, vocab, draw)?),
+            }
+        }
         let mut readback = match self.decode_graph.readback.take() {
             Some(r) => r,
             None => TokenReadback::new(self.device())?,
         };
-        let r = self.pipeline(offset, max_tokens, &mut readback, on_token);
+        let r = self.pipeline(offset, max_tokens, draw.is_some(), &mut readback, on_token);
         self.decode_graph.readback = Some(readback);
         r
     }
 
-    /// The loop of [`ForCausalLM::decode_greedy_cuda`] after its checks: the copy of token `i`
-    /// is queued behind step `i - 1` and read after step `i` is queued.
+    /// The loop of [`ForCausalLM::decode_on_cuda`] after its checks: the copy of token `i` is
+    /// queued behind step `i - 1` and read after step `i` is queued.
     fn pipeline<E>(
         &mut self,
         offset: usize,
         max_tokens: usize,
+        sample: bool,
         readback: &mut TokenReadback,
         on_token: &mut impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, Fail<E>> {
-        self.run_step(offset)?;
+        self.run_step(offset, sample)?;
         readback.queue(&self.step_io()?.state)?;
         let mut produced = 0;
         loop {
             produced += 1;
             let more = produced < max_tokens;
             if more {
-                self.run_step(offset + produced)?;
+                self.run_step(offset + produced, sample)?;
             }
             let token = readback.wait()?;
             if token == NAN_TOKEN {

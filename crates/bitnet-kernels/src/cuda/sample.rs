@@ -1,0 +1,176 @@
+//! Sampling on the device: the next token drawn at a temperature, with top-p and min-p, in a
+//! decode step's `[token, position]` state (see [`super::greedy`]), so a recorded step samples
+//! without reading its logits back.
+//!
+//! The filters are the host sampler's (transformers' order; ranks by logit, then id): top-p keeps
+//! the smallest prefix of ranks whose probability reaches `top_p`, min-p the tokens at least
+//! `min_p` times as likely as the best. The distribution is computed without sorting: each
+//! token's softmax numerator is held in 2^S fixed point (`S = 62 − ⌈log₂ n⌉`, so any sum of
+//! them is an exact u64), the top-p cut is found by three histogram passes over the logits'
+//! order keys (11, 11 and 10 bits), and the draw walks the kept tokens in id order. Every sum is
+//! an integer, so the token depends on nothing but the logits, the parameters and the position:
+//! a CPU twin that sorts (tests/cuda.rs) picks the same token. Tokens with a weight below 2^−S of
+//! the best (about e^−31 at 128k logits) are never drawn, where the host's f64 softmax could.
+//!
+//! The random number is splitmix64 of the seed and the state's position, so a recorded step
+//! replays a new draw each time and a seed reproduces a run.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Tensor};
+
+use super::greedy::state_range;
+use super::{cfg, contiguous, func, i32_arg};
+
+/// `sizeof(SampleWork)` in kernels/bitnet.cu: the scratch before the per-token weights.
+const SAMPLE_WORK_BYTES: usize = 28720;
+/// Logits per block of the sampling kernels (`SAMPLE_CHUNK`).
+const SAMPLE_CHUNK: usize = 1024;
+/// Most blocks the draw's last block can scan (`SAMPLE_MAX_BLOCKS`).
+const SAMPLE_MAX_BLOCKS: usize = 1024;
+/// Threads per block (`SAMPLE_THREADS`).
+const SAMPLE_THREADS: usize = 256;
+
+/// What [`DeviceSampler`] draws with; the host sampler's parameters at a temperature above 0
+/// without top-k or a repetition penalty.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DrawParams {
+    /// Softmax temperature, > 0.
+    pub temperature: f32,
+    /// Top-p mass in (0, 1]; 1 is off.
+    pub top_p: f32,
+    /// Min-p in [0, 1); 0 is off.
+    pub min_p: f32,
+    /// Seed of the per-position random numbers.
+    pub seed: u64,
+}
+
+impl DrawParams {
+    /// The parameter words the kernels read (kernels/bitnet.cu, `load_params`).
+    fn words(&self) -> Result<[u32; 6]> {
+        let t = self.temperature;
+        if !(t.is_finite() && t > 0.0) {
+            candle_core::bail!("device sampling: temperature {t} must be finite and > 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            candle_core::bail!("device sampling: top_p {} must be in (0, 1]", self.top_p);
+        }
+        if !(0.0..1.0).contains(&self.min_p) {
+            candle_core::bail!("device sampling: min_p {} must be in [0, 1)", self.min_p);
+        }
+        let seed = self.seed;
+        Ok([
+            t.to_bits(),
+            self.top_p.to_bits(),
+            self.min_p.to_bits(),
+            0,
+            seed as u32,
+            (seed >> 32) as u32,
+        ])
+    }
+}
+
+/// The parameters and scratch of device sampling over `vocab` logits (see the module docs).
+#[derive(Debug)]
+pub struct DeviceSampler {
+    params: CudaSlice<u32>,
+    work: CudaSlice<u32>,
+    vocab: usize,
+}
+
+impl DeviceSampler {
+    /// A sampler for `vocab` logits on the CUDA device `device`, drawing with `params`.
+    pub fn new(device: &candle_core::Device, vocab: usize, params: &DrawParams) -> Result<Self> {
+        if vocab == 0 || vocab > SAMPLE_CHUNK * SAMPLE_MAX_BLOCKS {
+            candle_core::bail!(
+                "device sampling: {vocab} logits (1..={} supported)",
+                SAMPLE_CHUNK * SAMPLE_MAX_BLOCKS
+            );
+        }
+        let dev = device.as_cuda_device()?;
+        let stream = dev.cuda_stream();
+        let params = stream.clone_htod(&params.words()?).w()?;
+        let work = stream
+            .alloc_zeros::<u32>(SAMPLE_WORK_BYTES / 4 + 2 * vocab)
+            .w()?;
+        Ok(Self {
+            params,
+            work,
+            vocab,
+        })
+    }
+
+    /// Replaces the parameters in place (in stream order: a recorded step that samples with
+    /// this sampler uses them from its next launch on).
+    pub fn set_params(&mut self, params: &DrawParams) -> Result<()> {
+        let words = params.words()?;
+        let stream = self.params.stream().clone();
+        stream.memcpy_htod(&words, &mut self.params).w()
+    }
+
+    /// Five launches: `state[0]` ← a token drawn from `logits` (f32 `[vocab]` or `[1, vocab]`
+    /// on the state's device; [`super::greedy::NAN_TOKEN`] if any logit is NaN), `state[1]` += 1.
+    pub fn next(&self, state: &Tensor, logits: &Tensor) -> Result<()> {
+        state.inplace_op2(&logits.contiguous()?, &SampleNext { sampler: self })
+    }
+}
+
+struct SampleNext<'a> {
+    sampler: &'a DeviceSampler,
+}
+
+impl candle_core::InplaceOp2 for SampleNext<'_> {
+    fn name(&self) -> &'static str {
+        "sample-next"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("DeviceSampler runs on CUDA tensors only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        state: &mut CudaStorage,
+        sl: &Layout,
+        logits: &CudaStorage,
+        ll: &Layout,
+    ) -> Result<()> {
+        if state.dtype() != DType::U32 || logits.dtype() != DType::F32 {
+            candle_core::bail!(
+                "DeviceSampler: expected a u32 state and f32 logits, got {} and {}",
+                state.dtype().as_str(),
+                logits.dtype().as_str()
+            );
+        }
+        let (s0, s1) = state_range(sl, "DeviceSampler state")?;
+        let (l0, l1) = contiguous(ll, "DeviceSampler logits")?;
+        let s = self.sampler;
+        if l1 - l0 != s.vocab {
+            candle_core::bail!("DeviceSampler: {} logits, built for {}", l1 - l0, s.vocab);
+        }
+        let dev = logits.device().clone();
+        let n = i32_arg(s.vocab)?;
+        let x = logits.as_cuda_slice::<f32>()?.slice(l0..l1);
+        let mut st = state.as_cuda_slice_mut::<u32>()?.slice_mut(s0..s1);
+        let grid = (s.vocab.div_ceil(SAMPLE_CHUNK), 1);
+        let stream = dev.cuda_stream();
+        let f = func(&dev, "bitnet_sample_max")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&n).arg(&s.work);
+        // SAFETY (each launch): argument types match the kernel; it reads n logits and writes
+        // only the sampler's scratch (sized for n) and the two-word state.
+        unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
+        let f = func(&dev, "bitnet_sample_hist")?;
+        for level in 0i32..3 {
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&n).arg(&s.params).arg(&s.work).arg(&level);
+            unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
+        }
+        let f = func(&dev, "bitnet_sample_draw")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&n).arg(&s.params).arg(&s.work).arg(&mut st);
+        unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
+        Ok(())
+    }
+}
