@@ -38,7 +38,9 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "P")]
     pub min_p: Option<f32>,
 
-    /// Seed of the sampler, for reproducible output. [default: a random seed, printed]
+    /// Seed of the sampler, for reproducible output. On CUDA a draw without a repetition
+    /// penalty runs on the GPU from its own random numbers: reproducible there, but not the
+    /// CPU's tokens for the same seed. [default: a random seed, printed]
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
 

@@ -1071,24 +1071,27 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
 }
 
 // ---------------------------------------------------------------------------------------------
-// (j) Sampling on the device (src/cuda/sample.rs): temperature, top-p and min-p, as the host
-// sampler filters (transformers' order), drawn without sorting. A token's weight is its softmax
-// numerator in 2^S fixed point, W = rint(exp(l/T - max/T) * 2^S) with S = 62 - ceil(log2 n), so
-// every sum is an exact u64 whatever the summation order: the draw is deterministic, and a CPU
-// twin that sorts (tests/cuda.rs) finds the same token bit for bit.
+// (j) Sampling on the device (src/cuda/sample.rs): temperature, top-k, top-p and min-p, as the
+// host sampler filters (transformers' order), drawn without sorting. A token's weight is its
+// softmax numerator in 2^S fixed point, W = rint(exp(l/T - max/T) * 2^S) with
+// S = 62 - ceil(log2 n), so every sum is an exact u64 whatever the summation order: the draw is
+// deterministic, and a CPU twin that sorts (tests/cuda.rs) finds the same token bit for bit.
 //
 //   bitnet_sample_max        grid   the largest logit (its order key) and a NaN flag
-//   bitnet_sample_hist x3    grid   level 0 stores every W; each level histograms the mass by
-//                                   11, 11, then 10 bits of the order key below the prefix found
-//                                   so far; the last block to finish picks the bin where the mass
-//                                   from the top reaches top_p * total, so after level 2 the
-//                                   prefix is the order key of the top-p set's last rank
+//   bitnet_sample_hist x6    grid   passes 0-2 (top-k) histogram the count, passes 3-5 (top-p)
+//                                   the mass, by 11, 11, then 10 bits of the order key below the
+//                                   prefix found so far; the last block to finish picks the bin
+//                                   where the count (mass) from the top reaches k (top_p of the
+//                                   top-k set's mass), so after the third pass the prefix is the
+//                                   order key of the set's last rank. Pass 3 also stores every W.
 //   bitnet_sample_draw       grid   each block's kept mass; the last block finds the chunk, then
 //                                   the id whose cumulative kept mass (in id order) passes
 //                                   u * kept, u from splitmix64(seed, position)
 //
 // Ranks follow the host's: logit descending in f32::total_cmp order, then id ascending; ties at
-// the top-p cut are kept in id order until the mass is reached. min-p keeps W >= min_p * 2^S.
+// a cut are kept in id order up to the count or mass. The top-p walk stops inside the top-k set
+// (its target is at most that set's mass), so its histograms need not exclude anything, only
+// its total does. min-p keeps W >= min_p * 2^S.
 // ---------------------------------------------------------------------------------------------
 
 #define SAMPLE_THREADS 256
@@ -1098,20 +1101,22 @@ extern "C" __global__ void __launch_bounds__(GREEDY_THREADS)
 
 // The scratch a draw works in (zeroed once; each draw leaves it zeroed for the next).
 struct SampleWork {
-    unsigned long long total; // sum of W
-    unsigned long long above; // mass of the ranks above the prefix's bin so far
-    unsigned long long ties;  // tokens at the cut's order key that top-p keeps
-    uint32_t maxord, nan, done, prefix, pad0, pad1;
+    unsigned long long total; // sum of W over the top-k set (all tokens without top-k)
+    unsigned long long above; // count or mass of the ranks above the prefix's bin so far
+    unsigned long long ties;  // tokens at the top-p cut's order key that it keeps
+    unsigned long long kties; // tokens at the top-k cut's order key that it keeps
+    uint32_t maxord, nan, done, prefix, kcut, pad;
     unsigned long long hist[SAMPLE_BINS];
     unsigned long long part_mass[SAMPLE_MAX_BLOCKS];
     uint32_t part_ties[SAMPLE_MAX_BLOCKS];
     // then W[n] (u64)
 };
-static_assert(sizeof(SampleWork) == 28720, "SAMPLE_WORK_BYTES in src/cuda/sample.rs");
+static_assert(sizeof(SampleWork) == 28728, "SAMPLE_WORK_BYTES in src/cuda/sample.rs");
 
-// params: [temperature, top_p, min_p (f32 bits), unused, seed low, seed high]
+// params: [temperature, top_p, min_p (f32 bits), top_k (0: off), seed low, seed high]
 struct SampleParams {
     float temperature, top_p, min_p;
+    uint32_t top_k;
     unsigned long long seed;
 };
 __device__ __forceinline__ SampleParams load_params(const uint32_t* p) {
@@ -1119,6 +1124,7 @@ __device__ __forceinline__ SampleParams load_params(const uint32_t* p) {
     s.temperature = __uint_as_float(p[0]);
     s.top_p = __uint_as_float(p[1]);
     s.min_p = __uint_as_float(p[2]);
+    s.top_k = p[3];
     s.seed = ((unsigned long long)p[5] << 32) | p[4];
     return s;
 }
@@ -1209,6 +1215,10 @@ __device__ __forceinline__ unsigned long long* weights_of(SampleWork* w) {
     return reinterpret_cast<unsigned long long*>(w + 1);
 }
 
+__device__ __forceinline__ bool top_k_on(const SampleParams& p, int n) {
+    return p.top_k > 0 && p.top_k < (uint32_t)n;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     bitnet_sample_max(const float* __restrict__ logits, int n, SampleWork* work) {
     const int base = blockIdx.x * SAMPLE_CHUNK;
@@ -1225,18 +1235,21 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (threadIdx.x == 0 && nan) atomicOr(&work->nan, 1u);
 }
 
-// Level 0: bits 31..21 of the order key; 1: 20..10 (below the level-0 bin); 2: 9..0.
+// Pass 0-2: the top-k cut (counts); 3-5: the top-p cut (masses). The level (pass % 3) picks the
+// key bits: 0: 31..21; 1: 20..10 (below the bin found at level 0); 2: 9..0.
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     bitnet_sample_hist(const float* __restrict__ logits, int n, const uint32_t* params,
-                       SampleWork* work, int level) {
+                       SampleWork* work, int pass) {
     __shared__ unsigned long long h[SAMPLE_BINS];
     __shared__ unsigned long long red[SAMPLE_THREADS / 32];
     const SampleParams p = load_params(params);
-    const bool topp = p.top_p < 1.0f;
-    if (level > 0 && !topp) return;
+    const bool topk = top_k_on(p, n), count = pass < 3;
+    const bool on = count ? topk : p.top_p < 1.0f;
+    const int level = pass % 3;
+    if (!on && pass != 3) return; // pass 3 stores the weights and the total in any case
     const int shift = level == 0 ? 21 : level == 1 ? 10 : 0;
     const int bins = level == 2 ? 1024 : SAMPLE_BINS;
-    const uint32_t maxord = work->maxord, prefix = work->prefix;
+    const uint32_t maxord = work->maxord, prefix = work->prefix, kcut = work->kcut;
     const float maxv = from_order_key(maxord);
     const int s = weight_shift(n);
     unsigned long long* wts = weights_of(work);
@@ -1246,40 +1259,49 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     unsigned long long sum = 0;
     for (int i = base + threadIdx.x; i < min(n, base + SAMPLE_CHUNK); i += SAMPLE_THREADS) {
         const float l = logits[i];
+        if (isnan(l)) continue;
         const uint32_t ord = order_key(l);
-        unsigned long long w;
-        if (level == 0) {
-            w = isnan(l) ? 0 : token_weight(l, ord, maxv, maxord, p.temperature, s);
-            wts[i] = w;
-            sum += w;
-        } else {
-            w = wts[i];
+        unsigned long long m = 1;
+        if (pass == 3) {
+            m = token_weight(l, ord, maxv, maxord, p.temperature, s);
+            wts[i] = m;
+            // The total over the top-k set: the ranks above its cut here, its ties below.
+            if (!topk || ord > kcut) sum += m;
+        } else if (!count) {
+            m = wts[i];
         }
         const bool inside = level == 0 || (ord >> (shift + (level == 1 ? 11 : 10))) == prefix;
-        if (topp && w && inside) atomicAdd(&h[(ord >> shift) & (bins - 1)], w);
+        if (on && m && inside) atomicAdd(&h[(ord >> shift) & (bins - 1)], m);
     }
     __syncthreads();
     for (int b = threadIdx.x; b < bins; b += SAMPLE_THREADS)
         if (h[b]) atomicAdd(&work->hist[b], h[b]);
-    if (level == 0) {
+    if (pass == 3) {
         unsigned long long total;
         block_scan(sum, red, total);
         if (threadIdx.x == 0) atomicAdd(&work->total, total);
     }
     if (!last_block(&work->done)) return;
-    if (!topp) {
+    if (pass == 3 && topk && threadIdx.x == 0) {
+        // Every token at the top-k cut weighs the same.
+        const unsigned long long w =
+            token_weight(from_order_key(kcut), kcut, maxv, maxord, p.temperature, s);
+        work->total += __ldcg(&work->kties) * w;
+    }
+    if (!on) {
         if (threadIdx.x == 0) work->done = 0;
         return;
     }
 
-    // The last block: the bin in which the mass from the top reaches top_p * total (one exists:
-    // the target is at most the mass below the prefix, which the bins hold).
+    // The last block: the bin in which the count (mass) from the top reaches the target (one
+    // exists: the target is at most what lies below the prefix, which the bins hold).
     __shared__ int found;
     __shared__ unsigned long long before;
     if (threadIdx.x == 0) found = 0, before = 0;
-    const unsigned long long total = __ldcg(&work->total);
+    __syncthreads();
     const unsigned long long target =
-        (unsigned long long)ceil(__dmul_rn((double)p.top_p, (double)total));
+        count ? p.top_k
+              : (unsigned long long)ceil(__dmul_rn((double)p.top_p, (double)__ldcg(&work->total)));
     const unsigned long long rem = target - (level == 0 ? 0 : __ldcg(&work->above));
     const int per = bins / SAMPLE_THREADS;
     const int hi = bins - 1 - threadIdx.x * per; // this thread's bins: hi, hi - 1, ...
@@ -1304,14 +1326,22 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     for (int j = 0; j < per; ++j) work->hist[hi - j] = 0;
     if (threadIdx.x == 0) {
         const uint32_t key = (prefix << (level == 2 ? 10 : 11)) | (uint32_t)found;
-        work->prefix = key;
         work->above = (level == 0 ? 0 : work->above) + before;
+        work->prefix = key;
         if (level == 2) {
-            // Every token at the cut's key has the same weight; keep as many as reach the mass.
-            const unsigned long long w =
-                token_weight(from_order_key(key), key, maxv, maxord, p.temperature, s);
+            // Every token at the cut's key has the same weight (count 1); keep as many as reach
+            // the target, in id order.
             const unsigned long long left = rem - before;
-            work->ties = (left + w - 1) / w;
+            if (count) {
+                work->kcut = key;
+                work->kties = left;
+                work->prefix = 0;
+                work->above = 0;
+            } else {
+                const unsigned long long w =
+                    token_weight(from_order_key(key), key, maxv, maxord, p.temperature, s);
+                work->ties = (left + w - 1) / w;
+            }
         }
         work->done = 0;
     }
@@ -1327,10 +1357,10 @@ __device__ __forceinline__ double draw_uniform(unsigned long long seed, uint32_t
 }
 
 // Whether a token is kept: 1 above the cut, 2 at its key (kept by rank among those), 0 not.
-__device__ __forceinline__ int kept_class(uint32_t ord, unsigned long long w, bool topp,
+__device__ __forceinline__ int kept_class(uint32_t ord, unsigned long long w, bool cut_on,
                                           uint32_t cut, double wmin) {
     if (w == 0 || (double)w < wmin) return 0;
-    if (!topp || ord > cut) return 1;
+    if (!cut_on || ord > cut) return 1;
     return ord == cut ? 2 : 0;
 }
 
@@ -1340,8 +1370,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned long long red[SAMPLE_THREADS / 32];
     __shared__ uint32_t redc[SAMPLE_THREADS / 32];
     const SampleParams p = load_params(params);
-    const bool topp = p.top_p < 1.0f;
-    const uint32_t cut = work->prefix;
+    // The last rank kept: top-p's cut (inside the top-k set), else top-k's.
+    const bool topp = p.top_p < 1.0f, topk = top_k_on(p, n), cut_on = topp || topk;
+    const uint32_t cut = topp ? work->prefix : work->kcut;
     const int s = weight_shift(n);
     const double wmin = p.min_p > 0.0f ? __dmul_rn((double)p.min_p, (double)(1ull << s)) : 0.0;
     const unsigned long long* wts = weights_of(work);
@@ -1350,7 +1381,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     uint32_t ties = 0;
     for (int i = base + threadIdx.x; i < min(n, base + SAMPLE_CHUNK); i += SAMPLE_THREADS) {
         const unsigned long long w = wts[i];
-        const int k = kept_class(order_key(logits[i]), w, topp, cut, wmin);
+        const int k = kept_class(order_key(logits[i]), w, cut_on, cut, wmin);
         if (k == 1) mass += w;
         ties += k == 2;
     }
@@ -1370,12 +1401,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ uint32_t chunk_ties_before;
     __shared__ int chunk;
     const int blocks = gridDim.x;
-    const unsigned long long m_ties = topp ? __ldcg(&work->ties) : 0;
+    const unsigned long long m_ties = topp ? __ldcg(&work->ties) : topk ? __ldcg(&work->kties) : 0;
     const uint32_t maxord = __ldcg(&work->maxord);
     const unsigned long long w_cut =
-        topp ? token_weight(from_order_key(cut), cut, from_order_key(maxord), maxord,
-                            p.temperature, s)
-             : 0;
+        cut_on ? token_weight(from_order_key(cut), cut, from_order_key(maxord), maxord,
+                              p.temperature, s)
+               : 0;
     const int per = SAMPLE_MAX_BLOCKS / SAMPLE_THREADS;
     uint32_t ct[per];
     unsigned long long cm[per];
@@ -1424,7 +1455,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         for (int j = 0; j < 4; ++j) {
             const int i = i0 + j;
             w[j] = i < n ? wts[i] : 0;
-            k[j] = i < n ? kept_class(order_key(logits[i]), w[j], topp, cut, wmin) : 0;
+            k[j] = i < n ? kept_class(order_key(logits[i]), w[j], cut_on, cut, wmin) : 0;
             nt += k[j] == 2;
         }
         uint32_t tt;
@@ -1449,6 +1480,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         work->total = 0;
         work->above = 0;
         work->ties = 0;
+        work->kties = 0;
+        work->kcut = 0;
         work->maxord = 0;
         work->nan = 0;
         work->done = 0;

@@ -891,7 +891,8 @@ fn greedy_next_and_embed_row_match_the_host() {
 }
 
 /// The device sampler's CPU twin: the same fixed-point weights (every f64 step as the kernel
-/// rounds it), but the top-p cut by sorting the ranks and walking them, as the host sampler does.
+/// rounds it), but the top-k and top-p cuts by sorting the ranks and walking them, as the host
+/// sampler does.
 mod draw_twin {
     use bitnet_kernels::cuda::greedy::NAN_TOKEN;
     use bitnet_kernels::cuda::sample::DrawParams;
@@ -968,23 +969,25 @@ mod draw_twin {
                 }
             })
             .collect();
+        let mut ranks: Vec<usize> = (0..n).collect();
+        ranks.sort_by_key(|&i| (std::cmp::Reverse(order_key(logits[i])), i));
+        let k = p.top_k as usize;
+        let candidates = if k > 0 && k < n { k } else { n };
+        let mut keep = candidates;
         if p.top_p < 1.0 {
-            let total: u64 = w.iter().sum();
+            let total: u64 = ranks[..candidates].iter().map(|&i| w[i]).sum();
             let target = (f64::from(p.top_p) * total as f64).ceil() as u64;
-            let mut ranks: Vec<usize> = (0..n).collect();
-            ranks.sort_by_key(|&i| (std::cmp::Reverse(order_key(logits[i])), i));
             let mut cumulative = 0;
-            let mut cut = n;
-            for (r, &i) in ranks.iter().enumerate() {
+            for (r, &i) in ranks[..candidates].iter().enumerate() {
                 cumulative += w[i];
                 if cumulative >= target {
-                    cut = r + 1;
+                    keep = r + 1;
                     break;
                 }
             }
-            for &i in &ranks[cut..] {
-                w[i] = 0;
-            }
+        }
+        for &i in &ranks[keep..] {
+            w[i] = 0;
         }
         let wmin = f64::from(p.min_p) * (1u64 << s) as f64;
         for w in w.iter_mut() {
@@ -1055,19 +1058,27 @@ fn device_sampler_matches_its_twin() {
     use cuda::sample::{DeviceSampler, DrawParams};
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(23);
+    // (temperature, top-k, top-p, min-p); top-k n - 1 and n + 5 are set per size below.
     let params = [
-        (0.8, 0.95, 0.0),
-        (1.0, 1.0, 0.0),
-        (0.3, 0.5, 0.0),
-        (2.0, 0.1, 0.0),
-        (1.0, 1e-6, 0.0),
-        (0.7, 1.0, 0.05),
-        (1.5, 0.9, 0.5),
+        (0.8, 0, 0.95, 0.0),
+        (1.0, 0, 1.0, 0.0),
+        (0.3, 0, 0.5, 0.0),
+        (2.0, 0, 0.1, 0.0),
+        (1.0, 0, 1e-6, 0.0),
+        (0.7, 0, 1.0, 0.05),
+        (1.5, 0, 0.9, 0.5),
+        (1.0, 1, 1.0, 0.0),
+        (0.8, 40, 0.95, 0.0),
+        (2.0, 40, 1.0, 0.0),
+        (1.0, 3, 1.0, 0.3),
+        (1.2, u32::MAX, 0.9, 0.0),
+        (1.2, u32::MAX - 1, 1.0, 0.0),
     ];
     let mut checked = 0;
     for n in [1, 2, 3, 255, 1024, 1025, 4097, 50_000, 128_256] {
         let first = DrawParams {
             temperature: 1.0,
+            top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
             seed: 1,
@@ -1075,9 +1086,16 @@ fn device_sampler_matches_its_twin() {
         let mut sampler = DeviceSampler::new(dev, n, &first).unwrap();
         for (c, x) in sampler_cases(&mut rng, n).iter().enumerate() {
             let logits = Tensor::from_slice(x, (1, n), dev).unwrap();
-            for &(temperature, top_p, min_p) in &params {
+            for &(temperature, top_k, top_p, min_p) in &params {
+                // The two largest top-k values stand for n + 5 (off) and n - 1.
+                let top_k = match top_k {
+                    u32::MAX => n as u32 + 5,
+                    k if k == u32::MAX - 1 => n.saturating_sub(1) as u32,
+                    k => k,
+                };
                 let p = DrawParams {
                     temperature,
+                    top_k,
                     top_p,
                     min_p,
                     seed: rng.random(),
@@ -1091,7 +1109,7 @@ fn device_sampler_matches_its_twin() {
                     assert_eq!(
                         state.to_vec1::<u32>().unwrap(),
                         [want, position + 1],
-                        "n {n} case {c} T {temperature} top-p {top_p} min-p {min_p} at {position}"
+                        "n {n} case {c} T {temperature} top-k {top_k} top-p {top_p} min-p {min_p} at {position}"
                     );
                     checked += 1;
                 }
@@ -1122,6 +1140,7 @@ fn device_sampler_matches_its_twin() {
         10,
         &DrawParams {
             temperature: 1.0,
+            top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
             seed: 0,
@@ -1137,6 +1156,7 @@ fn device_sampler_matches_its_twin() {
         .is_err());
     let bad = DrawParams {
         temperature: 0.0,
+        top_k: 0,
         top_p: 1.0,
         min_p: 0.0,
         seed: 0,
@@ -1149,11 +1169,13 @@ fn device_sampler_replays_in_a_graph_and_follows_the_distribution() {
     use cuda::greedy::TokenReadback;
     use cuda::sample::{DeviceSampler, DrawParams};
     let dev = gpu();
-    // Eight tokens: top-p 0.9 at temperature 1 keeps the four best (mass 0.903...).
+    // Eight tokens: top-k 4 keeps 2, 1.5, 1 and 0.5; top-p 0.85 of their mass keeps the first
+    // three (0.898 of it; over all eight it would keep four).
     let x = [2.0f32, 0.5, 1.0, -1.0, 1.5, -3.0, 0.0, -0.5];
     let p = DrawParams {
         temperature: 1.0,
-        top_p: 0.9,
+        top_k: 4,
+        top_p: 0.85,
         min_p: 0.0,
         seed: 99,
     };
@@ -1179,18 +1201,20 @@ fn device_sampler_replays_in_a_graph_and_follows_the_distribution() {
     assert_eq!(state.to_vec1::<u32>().unwrap()[1], draws);
     // Against the softmax over the kept set in f64 (the host sampler's distribution).
     let e: Vec<f64> = x.iter().map(|&l| f64::from(l - 2.0).exp()).collect();
-    let total: f64 = e.iter().sum();
     let mut ranked: Vec<usize> = (0..8).collect();
     ranked.sort_by(|&a, &b| x[b].total_cmp(&x[a]));
+    ranked.truncate(4);
+    let total: f64 = ranked.iter().map(|&i| e[i]).sum();
     let mut cumulative = 0.0;
     let mut keep = [false; 8];
     for &i in &ranked {
         keep[i] = true;
         cumulative += e[i] / total;
-        if cumulative >= 0.9 {
+        if cumulative >= 0.85 {
             break;
         }
     }
+    assert_eq!(keep.iter().filter(|&&k| k).count(), 3);
     let kept: f64 = (0..8).filter(|&i| keep[i]).map(|i| e[i]).sum();
     for i in 0..8 {
         let want = if keep[i] { e[i] / kept } else { 0.0 };

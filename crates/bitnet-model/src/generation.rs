@@ -106,15 +106,16 @@ impl Sampler {
         self.params.temperature == 0.0 && self.params.repeat_penalty == 1.0
     }
 
-    /// The parameters of a draw the GPU can make itself: a temperature above 0 without top-k
-    /// or a repetition penalty (which need the logits on the host).
+    /// The parameters of a draw the GPU can make itself: a temperature above 0 without a
+    /// repetition penalty (which needs the history on the host).
     #[cfg(feature = "cuda")]
     fn device_draw(&self) -> Option<bitnet_kernels::cuda::sample::DrawParams> {
         let p = &self.params;
-        let top_k = p.top_k.is_some_and(|k| k > 0);
-        (p.temperature > 0.0 && !top_k && p.repeat_penalty == 1.0).then(|| {
+        (p.temperature > 0.0 && p.repeat_penalty == 1.0).then(|| {
             bitnet_kernels::cuda::sample::DrawParams {
                 temperature: p.temperature,
+                // Beyond u32 it exceeds every vocabulary: off, as the host treats it.
+                top_k: p.top_k.map_or(0, |k| u32::try_from(k).unwrap_or(0)),
                 top_p: p.top_p.unwrap_or(1.0),
                 min_p: p.min_p.unwrap_or(0.0),
                 seed: p.seed,
@@ -495,11 +496,11 @@ pub fn generate(
 /// steps through [`ForCausalLM::forward`].
 ///
 /// On a CUDA model with a BF16 embedding the pick runs on the GPU — the argmax, or a draw at a
-/// temperature with top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is queued
+/// temperature with top-k, top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is queued
 /// before the previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn
 /// tokens follow the host sampler's distribution from the device's own random numbers (seeded
-/// by the sampler's seed and the position). Elsewhere, and with top-k or a repetition
-/// penalty, each step is a [`ForCausalLM::forward`] and [`Sampler::sample`] on the host.
+/// by the sampler's seed and the position). Elsewhere, and with a repetition penalty, each
+/// step is a [`ForCausalLM::forward`] and [`Sampler::sample`] on the host.
 pub fn decode(
     model: &mut ForCausalLM,
     sampler: &mut Sampler,

@@ -1,13 +1,14 @@
-//! Sampling on the device: the next token drawn at a temperature, with top-p and min-p, in a
+//! Sampling on the device: the next token drawn at a temperature, with top-k, top-p and min-p, in a
 //! decode step's `[token, position]` state (see [`super::greedy`]), so a recorded step samples
 //! without reading its logits back.
 //!
-//! The filters are the host sampler's (transformers' order; ranks by logit, then id): top-p keeps
-//! the smallest prefix of ranks whose probability reaches `top_p`, min-p the tokens at least
-//! `min_p` times as likely as the best. The distribution is computed without sorting: each
-//! token's softmax numerator is held in 2^S fixed point (`S = 62 − ⌈log₂ n⌉`, so any sum of
-//! them is an exact u64), the top-p cut is found by three histogram passes over the logits'
-//! order keys (11, 11 and 10 bits), and the draw walks the kept tokens in id order. Every sum is
+//! The filters are the host sampler's (transformers' order; ranks by logit, then id): top-k keeps
+//! the `top_k` best ranks, top-p the smallest prefix of those whose probability (renormalized
+//! over them) reaches `top_p`, min-p the tokens at least `min_p` times as likely as the best.
+//! The distribution is computed without sorting: each token's softmax numerator is held in 2^S
+//! fixed point (`S = 62 − ⌈log₂ n⌉`, so any sum of them is an exact u64), each cut is found by
+//! three histogram passes over the logits' order keys (11, 11 and 10 bits; by count for top-k,
+//! by mass for top-p), and the draw walks the kept tokens in id order. Every sum is
 //! an integer, so the token depends on nothing but the logits, the parameters and the position:
 //! a CPU twin that sorts (tests/cuda.rs) picks the same token. Tokens with a weight below 2^−S of
 //! the best (about e^−31 at 128k logits) are never drawn, where the host's f64 softmax could.
@@ -24,7 +25,7 @@ use super::greedy::state_range;
 use super::{cfg, contiguous, func, i32_arg};
 
 /// `sizeof(SampleWork)` in kernels/bitnet.cu: the scratch before the per-token weights.
-const SAMPLE_WORK_BYTES: usize = 28720;
+const SAMPLE_WORK_BYTES: usize = 28728;
 /// Logits per block of the sampling kernels (`SAMPLE_CHUNK`).
 const SAMPLE_CHUNK: usize = 1024;
 /// Most blocks the draw's last block can scan (`SAMPLE_MAX_BLOCKS`).
@@ -32,12 +33,14 @@ const SAMPLE_MAX_BLOCKS: usize = 1024;
 /// Threads per block (`SAMPLE_THREADS`).
 const SAMPLE_THREADS: usize = 256;
 
-/// What [`DeviceSampler`] draws with; the host sampler's parameters at a temperature above 0
-/// without top-k or a repetition penalty.
+/// What [`DeviceSampler`] draws with: the host sampler's parameters at a temperature above 0,
+/// without a repetition penalty.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DrawParams {
     /// Softmax temperature, > 0.
     pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 (or at least the vocabulary) is off.
+    pub top_k: u32,
     /// Top-p mass in (0, 1]; 1 is off.
     pub top_p: f32,
     /// Min-p in [0, 1); 0 is off.
@@ -64,7 +67,7 @@ impl DrawParams {
             t.to_bits(),
             self.top_p.to_bits(),
             self.min_p.to_bits(),
-            0,
+            self.top_k,
             seed as u32,
             (seed >> 32) as u32,
         ])
@@ -109,7 +112,7 @@ impl DeviceSampler {
         stream.memcpy_htod(&words, &mut self.params).w()
     }
 
-    /// Five launches: `state[0]` ← a token drawn from `logits` (f32 `[vocab]` or `[1, vocab]`
+    /// Eight launches: `state[0]` ← a token drawn from `logits` (f32 `[vocab]` or `[1, vocab]`
     /// on the state's device; [`super::greedy::NAN_TOKEN`] if any logit is NaN), `state[1]` += 1.
     pub fn next(&self, state: &Tensor, logits: &Tensor) -> Result<()> {
         state.inplace_op2(&logits.contiguous()?, &SampleNext { sampler: self })
@@ -162,9 +165,10 @@ impl candle_core::InplaceOp2 for SampleNext<'_> {
         // only the sampler's scratch (sized for n) and the two-word state.
         unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
         let f = func(&dev, "bitnet_sample_hist")?;
-        for level in 0i32..3 {
+        // Passes 0-2 find the top-k cut, 3-5 the top-p cut (each returns at once when off).
+        for pass in 0i32..6 {
             let mut b = stream.launch_builder(&f);
-            b.arg(&x).arg(&n).arg(&s.params).arg(&s.work).arg(&level);
+            b.arg(&x).arg(&n).arg(&s.params).arg(&s.work).arg(&pass);
             unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
         }
         let f = func(&dev, "bitnet_sample_draw")?;
