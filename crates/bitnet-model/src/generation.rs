@@ -496,8 +496,8 @@ pub fn generate(
 /// steps through [`ForCausalLM::forward`].
 ///
 /// On a CUDA model with a BF16 embedding the pick runs on the GPU — the argmax, or a draw at a
-/// temperature with top-k, top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is queued
-/// before the previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn
+/// temperature with top-k, top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is
+/// queued before the previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn
 /// tokens follow the host sampler's distribution from the device's own random numbers (seeded
 /// by the sampler's seed and the position). Elsewhere, and with a repetition penalty, each
 /// step is a [`ForCausalLM::forward`] and [`Sampler::sample`] on the host.

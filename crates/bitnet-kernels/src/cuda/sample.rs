@@ -1,6 +1,6 @@
-//! Sampling on the device: the next token drawn at a temperature, with top-k, top-p and min-p, in a
-//! decode step's `[token, position]` state (see [`super::greedy`]), so a recorded step samples
-//! without reading its logits back.
+//! Sampling on the device: the next token drawn at a temperature, with top-k, top-p and min-p,
+//! into a decode step's `[token, position]` state (see [`super::greedy`]), so a recorded step
+//! samples without reading its logits back.
 //!
 //! The filters are the host sampler's (transformers' order; ranks by logit, then id): top-k keeps
 //! the `top_k` best ranks, top-p the smallest prefix of those whose probability (renormalized
