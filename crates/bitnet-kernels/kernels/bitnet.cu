@@ -1025,13 +1025,18 @@ extern "C" __global__ void bitnet_embed_row_bf16(const __nv_bfloat16* table, con
     embed_row(table, state, out, rows, cols);
 }
 
+// f32::total_cmp's order as an unsigned integer (ascending; -0 below +0).
+__device__ __forceinline__ uint32_t order_key(float v) {
+    const uint32_t u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // A logit and its index as one key whose maximum is the largest logit at the smallest index,
 // the host sampler's argmax (`>` over ascending indices, as torch.argmax): the high word orders
-// floats as integers (negative ones bit-flipped; -0 counts as +0, which `>` cannot tell apart),
-// the low word is the complement of the index.
+// floats as integers (-0 counts as +0, which `>` cannot tell apart), the low word is the
+// complement of the index.
 __device__ __forceinline__ unsigned long long argmax_key(float v, int i) {
-    const uint32_t u = __float_as_uint(v == 0.0f ? 0.0f : v);
-    const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    const uint32_t ord = order_key(v == 0.0f ? 0.0f : v);
     return ((unsigned long long)ord << 32) | (0xffffffffu - (uint32_t)i);
 }
 
@@ -1129,11 +1134,7 @@ __device__ __forceinline__ SampleParams load_params(const uint32_t* p) {
     return s;
 }
 
-// f32::total_cmp's order as an unsigned integer (ascending; -0 below +0).
-__device__ __forceinline__ uint32_t order_key(float v) {
-    const uint32_t u = __float_as_uint(v);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// The float whose order_key (section (i)) is k.
 __device__ __forceinline__ float from_order_key(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }

@@ -14,7 +14,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaSlice, CudaView, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaView, CudaViewMut, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor};
@@ -39,7 +39,7 @@ pub fn greedy_next(state: &Tensor, logits: &Tensor) -> Result<()> {
 struct GreedyNext;
 
 /// The `[token, position]` pair of a state tensor.
-pub(crate) fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
     let (a, b) = contiguous(l, what)?;
     if b - a != 2 {
         candle_core::bail!("{what}: expected a two-element [token, position] tensor");
@@ -65,6 +65,32 @@ fn with_state<R>(
     f(ss, ss.as_cuda_slice::<u32>()?.slice(s0..s1))
 }
 
+/// The arguments of an op that picks the next token into a state: the state's two words and
+/// the (non-empty, contiguous) f32 logits; `what` names the op in errors.
+pub(crate) fn pick_args<'a>(
+    what: &str,
+    state: &'a mut CudaStorage,
+    sl: &Layout,
+    logits: &'a CudaStorage,
+    ll: &Layout,
+) -> Result<(CudaViewMut<'a, u32>, CudaView<'a, f32>)> {
+    if state.dtype() != DType::U32 || logits.dtype() != DType::F32 {
+        candle_core::bail!(
+            "{what}: expected a u32 state and f32 logits, got {} and {}",
+            state.dtype().as_str(),
+            logits.dtype().as_str()
+        );
+    }
+    let (s0, s1) = state_range(sl, &format!("{what} state"))?;
+    let (l0, l1) = contiguous(ll, &format!("{what} logits"))?;
+    if l1 == l0 {
+        candle_core::bail!("{what}: no logits");
+    }
+    let x = logits.as_cuda_slice::<f32>()?.slice(l0..l1);
+    let st = state.as_cuda_slice_mut::<u32>()?.slice_mut(s0..s1);
+    Ok((st, x))
+}
+
 impl candle_core::InplaceOp2 for GreedyNext {
     fn name(&self) -> &'static str {
         "greedy-next"
@@ -81,22 +107,9 @@ impl candle_core::InplaceOp2 for GreedyNext {
         logits: &CudaStorage,
         ll: &Layout,
     ) -> Result<()> {
-        if state.dtype() != DType::U32 || logits.dtype() != DType::F32 {
-            candle_core::bail!(
-                "greedy_next: expected a u32 state and f32 logits, got {} and {}",
-                state.dtype().as_str(),
-                logits.dtype().as_str()
-            );
-        }
-        let (s0, s1) = state_range(sl, "greedy_next state")?;
-        let (l0, l1) = contiguous(ll, "greedy_next logits")?;
-        if l1 == l0 {
-            candle_core::bail!("greedy_next: no logits");
-        }
+        let (mut st, x) = pick_args("greedy_next", state, sl, logits, ll)?;
         let dev = logits.device().clone();
-        let n = i32_arg(l1 - l0)?;
-        let x = logits.as_cuda_slice::<f32>()?.slice(l0..l1);
-        let mut st = state.as_cuda_slice_mut::<u32>()?.slice_mut(s0..s1);
+        let n = i32_arg(x.len())?;
         let f = func(&dev, "bitnet_greedy_next")?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);

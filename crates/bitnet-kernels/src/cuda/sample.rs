@@ -19,10 +19,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, CudaStorage, Layout, Result, Tensor};
 
-use super::greedy::state_range;
-use super::{cfg, contiguous, func, i32_arg};
+use super::greedy::pick_args;
+use super::{cfg, func, i32_arg};
 
 /// `sizeof(SampleWork)` in kernels/bitnet.cu: the scratch before the per-token weights.
 const SAMPLE_WORK_BYTES: usize = 28728;
@@ -139,23 +139,13 @@ impl candle_core::InplaceOp2 for SampleNext<'_> {
         logits: &CudaStorage,
         ll: &Layout,
     ) -> Result<()> {
-        if state.dtype() != DType::U32 || logits.dtype() != DType::F32 {
-            candle_core::bail!(
-                "DeviceSampler: expected a u32 state and f32 logits, got {} and {}",
-                state.dtype().as_str(),
-                logits.dtype().as_str()
-            );
-        }
-        let (s0, s1) = state_range(sl, "DeviceSampler state")?;
-        let (l0, l1) = contiguous(ll, "DeviceSampler logits")?;
+        let (mut st, x) = pick_args("DeviceSampler", state, sl, logits, ll)?;
         let s = self.sampler;
-        if l1 - l0 != s.vocab {
-            candle_core::bail!("DeviceSampler: {} logits, built for {}", l1 - l0, s.vocab);
+        if x.len() != s.vocab {
+            candle_core::bail!("DeviceSampler: {} logits, built for {}", x.len(), s.vocab);
         }
         let dev = logits.device().clone();
         let n = i32_arg(s.vocab)?;
-        let x = logits.as_cuda_slice::<f32>()?.slice(l0..l1);
-        let mut st = state.as_cuda_slice_mut::<u32>()?.slice_mut(s0..s1);
         let grid = (s.vocab.div_ceil(SAMPLE_CHUNK), 1);
         let stream = dev.cuda_stream();
         let f = func(&dev, "bitnet_sample_max")?;

@@ -13,12 +13,12 @@
 //!   memory. The recording writes into the KV buffers, so it is redone when they are regrown
 //!   or dropped.
 //! - the step ends with the next token picked on the device: the argmax (`cuda::greedy`) or,
-//!   at a temperature, a draw with top-p and min-p (`cuda::sample`). Its input is a
+//!   at a temperature, a draw with top-k, top-p and min-p (`cuda::sample`). Its input is a
 //!   `[token, position]` state in device memory that the step advances, and the embedding row
 //!   is looked up there too (BF16 tables). Decoding ([`ForCausalLM::decode_on_cuda`]) then
 //!   queues step `n + 1` before reading step `n`'s token (four bytes instead of the 513 KB of
-//!   logits), so the GPU does not wait for the host between steps. Top-k and the repetition
-//!   penalty read the logits as before and write the state from the host.
+//!   logits), so the GPU does not wait for the host between steps. A repetition penalty reads
+//!   the logits as before and writes the state from the host.
 //!
 //! The first step after (re)allocation runs eagerly (which also loads kernels and uploads
 //! weights, as recording requires) and is then recorded. If recording fails (an op that
