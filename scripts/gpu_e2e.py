@@ -136,6 +136,30 @@ print("\nGPU draw, top-p 1e-6 = greedy / same seed twice: " + ", ".join(
     f"{k} {'equal' if v['top_p_tiny_equals_greedy'] else 'MISMATCH'}/{'equal' if v['seed_repeats'] else 'MISMATCH'}"
     f" ({v['distinct_tokens']} distinct)" for k, v in draws.items()))
 
+# 1e. The repetition penalty on the GPU (before the argmax or the draw): greedy tokens with a
+# penalty must equal the host sampler's on the same logits (--host-sampler reads them back each
+# step); a penalized draw must repeat for one seed.
+penalties = {}
+for d in ["tests/fixtures/bitnet-packed", "tests/fixtures/llama-bf16", "models/bitnet-kjv-tiny"]:
+    for dtype in ["f32", "bf16"]:
+        for last_n in ["4", "64"]:
+            gen = ["generate", "--model", d, "--device", "cuda", "--dtype", dtype,
+                   "--prompt", "In the beginning", "--max-tokens", "32", "--ignore-eos", "--json",
+                   "--repeat-penalty", "1.3", "--repeat-last-n", last_n]
+            dev_g = cli_json(*gen, "--temperature", "0")["tokens"]
+            host_g = cli_json(*gen, "--temperature", "0", "--host-sampler")["tokens"]
+            plain = cli_json(*gen[:-4], "--temperature", "0")["tokens"]
+            a, b = (cli_json(*gen, "--seed", "5")["tokens"] for _ in range(2))
+            penalties[f"{d}/{dtype}/last {last_n}"] = {
+                "greedy_device_equals_host": dev_g == host_g, "changed_by_penalty": dev_g != plain,
+                "draw_seed_repeats": a == b}
+results["device_penalty"] = penalties
+print("\nGPU repetition penalty 1.3, greedy device = host sampler / differs from no penalty / "
+      "draw repeats: " + ", ".join(
+          f"{k} {'equal' if v['greedy_device_equals_host'] else 'MISMATCH'}/"
+          f"{'yes' if v['changed_by_penalty'] else 'no'}/{'equal' if v['draw_seed_repeats'] else 'MISMATCH'}"
+          for k, v in penalties.items()))
+
 # 2. The shipped model's held-out perplexity on the GPU (CPU: 3.62810, transformers: 3.62781).
 ppl = cli_json("perplexity", "--device", "cuda", "--dtype", "f32", "--file", "train/heldout.txt", "--json")
 results["kjv_heldout_cuda_f32"] = {k: ppl[k] for k in ("mean_nll", "ppl", "tok_s")}
@@ -154,19 +178,20 @@ for head in ["q4", "exact", "q4"]:
              "-p", "0", "-n", "128", "-r", "3", "--head", head)
     print(f"\nbitnet bench --head {head} (CUDA, bf16):\n" + hb.stdout)
     results.setdefault("bitnet_bench_heads", []).append({"head": head, "table": hb.stdout})
-# Sampling at generate's defaults: the draw on the device against the host sampler, which a
-# repetition penalty of 1.000001 forces (it needs the history on the host; it changes the logits
-# by a millionth). Alternating, one 128-token generation each, decode tok/s as generate reports.
+# Sampling at generate's defaults: the draw on the device (also after a repetition penalty)
+# against the host sampler (--host-sampler). Alternating, one 128-token generation each, decode
+# tok/s as generate reports.
 gen = ["generate", "--model", model, "--device", "cuda", "--dtype", "bf16", "--prompt", "a b c",
        "--max-tokens", "129", "--ignore-eos", "--json", "--seed", "1"]
-draw_ab = {"device": [], "host": []}
+draw_ab = {"device": [], "device, penalty 1.1": [], "host": []}
 for _ in range(3):
     draw_ab["device"].append(cli_json(*gen)["timings"]["decode_tok_s"])
-    draw_ab["host"].append(cli_json(*gen, "--repeat-penalty", "1.000001")["timings"]["decode_tok_s"])
+    draw_ab["device, penalty 1.1"].append(
+        cli_json(*gen, "--repeat-penalty", "1.1")["timings"]["decode_tok_s"])
+    draw_ab["host"].append(cli_json(*gen, "--host-sampler")["timings"]["decode_tok_s"])
 results["sampled_device_vs_host"] = draw_ab
-print("\ngenerate at T 0.8, top-p 0.95 (decode tok/s): device draw "
-      + " / ".join(f"{v:.1f}" for v in draw_ab["device"]) + ", host sampler "
-      + " / ".join(f"{v:.1f}" for v in draw_ab["host"]))
+print("\ngenerate at T 0.8, top-p 0.95 (decode tok/s): " + "; ".join(
+    f"{k} " + " / ".join(f"{v:.1f}" for v in vals) for k, vals in draw_ab.items()))
 # The same decode with every kernel launched from the host (what the CUDA graph saves).
 eager = run(bitnet, "bench", "--model", model, "--device", "cuda", "--dtype", "bf16",
             "-p", "0", "-n", "128", "-r", "3", "--no-cuda-graph")

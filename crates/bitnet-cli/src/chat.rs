@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let template = ChatTemplate::from_dir(&source.dir)?;
     let generation_config = sampling::generation_config(&source.dir)?;
     let (mut sampler, seed) = args.sampling.sampler(&generation_config)?;
+    args.sampling.apply_to(&mut model);
     let stop_tokens = if args.sampling.ignore_eos {
         Vec::new()
     } else {

@@ -68,6 +68,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } = runtime::load(&args.source, &args.runtime)?;
     let generation_config = sampling::generation_config(&source.dir)?;
     let (mut sampler, seed) = args.sampling.sampler(&generation_config)?;
+    args.sampling.apply_to(&mut model);
 
     let prompt_ids = if args.chat {
         let mut messages = Vec::new();

@@ -38,9 +38,9 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "P")]
     pub min_p: Option<f32>,
 
-    /// Seed of the sampler, for reproducible output. On CUDA a draw without a repetition
-    /// penalty runs on the GPU from its own random numbers: reproducible there, but not the
-    /// CPU's tokens for the same seed. [default: a random seed, printed]
+    /// Seed of the sampler, for reproducible output. On CUDA the draw runs on the GPU from its
+    /// own random numbers: reproducible there, but not the CPU's tokens for the same seed
+    /// (--host-sampler gives those). [default: a random seed, printed]
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
 
@@ -61,6 +61,12 @@ pub struct SamplingArgs {
     /// Do not stop at end-of-sequence / end-of-turn tokens (keep going until --max-tokens).
     #[arg(long)]
     pub ignore_eos: bool,
+
+    /// CUDA: pick every token on the host from its logits, read back each step, as on the CPU
+    /// (slower: the GPU waits for the host between steps). By default the pick, the penalty
+    /// and the draw run on the GPU. For comparing the two; no effect on the CPU.
+    #[arg(long)]
+    pub host_sampler: bool,
 }
 
 impl SamplingArgs {
@@ -92,6 +98,11 @@ impl SamplingArgs {
             seed,
         };
         Ok((Sampler::new(params)?, seed))
+    }
+
+    /// Where `model` picks tokens (--host-sampler).
+    pub fn apply_to(&self, model: &mut ForCausalLM) {
+        model.set_device_sampling(!self.host_sampler);
     }
 }
 

@@ -173,8 +173,8 @@ fn chat_mode_uses_the_template_and_stdin_prompt() {
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let model = packed();
-    let go = |seed: &str| {
-        let o = ok(run(&[
+    let go = |seed: &str, extra: &[&str]| {
+        let mut args = vec![
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -188,13 +188,17 @@ fn sampling_is_reproducible_with_a_seed() {
             "16",
             "--ignore-eos",
             "--json",
-        ]));
+        ];
+        args.extend_from_slice(extra);
+        let o = ok(run(&args));
         let out: Value = serde_json::from_str(&stdout(&o)).unwrap();
         ids(&out["tokens"])
     };
-    let a = go("7");
+    let a = go("7", &[]);
     assert_eq!(a.len(), 16);
-    assert_eq!(a, go("7"));
+    assert_eq!(a, go("7", &[]));
+    // The CPU always samples on the host: the flag that asks for it there changes nothing.
+    assert_eq!(a, go("7", &["--host-sampler"]));
 }
 
 /// Greedy decoding (`generation::decode` after the first token) against the sampler's top-1 pick,

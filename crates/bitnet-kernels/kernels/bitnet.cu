@@ -1489,3 +1489,42 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         work->prefix = 0;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// (k) Repetition penalty on the device (src/cuda/penalty.rs), before the argmax or the draw: the
+// host sampler's (transformers' repetition_penalty) over the last `window` tokens, each distinct
+// id once: a logit l becomes l * p if negative, else l / p. The tokens live in a ring that each
+// step extends with its input token (state[0]), so a recorded step penalizes without the host.
+// An id is penalized by the ring entry that first stamps seen[id] with this step's epoch, so
+// repeated ids need neither sorting nor a pass per entry.
+//
+// hist: [penalty (f32 bits), window, epoch, count, ring[window]]; seen: [n], zeroed with the epoch.
+// ---------------------------------------------------------------------------------------------
+
+#define PENALTY_THREADS 1024
+
+extern "C" __global__ void __launch_bounds__(PENALTY_THREADS)
+    bitnet_repeat_penalty(float* __restrict__ logits, int n, const uint32_t* __restrict__ state,
+                          uint32_t* __restrict__ hist, uint32_t* __restrict__ seen) {
+    __shared__ uint32_t epoch, live;
+    const uint32_t window = hist[1];
+    uint32_t* ring = hist + 4;
+    if (threadIdx.x == 0) {
+        const uint32_t count = hist[3];
+        epoch = hist[2] + 1;
+        live = window == 0 ? 0 : min(count + 1, window);
+        if (window > 0) ring[count % window] = state[0];
+        hist[2] = epoch;
+        hist[3] = count + 1;
+    }
+    __syncthreads();
+    const float p = __uint_as_float(hist[0]);
+    for (uint32_t i = threadIdx.x; i < live; i += PENALTY_THREADS) {
+        const uint32_t t = ring[i];
+        // Ids past the logits (NAN_TOKEN after a NaN step) are skipped, as on the host.
+        if (t < (uint32_t)n && atomicExch(&seen[t], epoch) != epoch) {
+            const float l = logits[t];
+            logits[t] = l < 0.0f ? __fmul_rn(l, p) : __fdiv_rn(l, p);
+        }
+    }
+}

@@ -1226,3 +1226,124 @@ fn device_sampler_replays_in_a_graph_and_follows_the_distribution() {
         );
     }
 }
+
+/// The host sampler's repetition penalty (bitnet-model's `Sampler::sample`): each distinct id
+/// among `recent` once, ids past the logits skipped.
+fn penalize_on_host(x: &mut [f32], recent: &[u32], penalty: f32) {
+    let mut seen = std::collections::HashSet::new();
+    for &t in recent {
+        if let Some(l) = x.get_mut(t as usize).filter(|_| seen.insert(t)) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// Random ids for a penalty's history: mostly a few repeated ones, some of all `n`, some past
+/// the logits (and the NaN marker).
+fn penalty_ids(rng: &mut StdRng, n: usize, count: usize) -> Vec<u32> {
+    (0..count)
+        .map(|_| match rng.random_range(0..10) {
+            0..=5 => rng.random_range(0..n.min(6)) as u32,
+            6..=8 => rng.random_range(0..n) as u32,
+            _ if rng.random_bool(0.5) => cuda::greedy::NAN_TOKEN,
+            _ => (n + rng.random_range(0..3)) as u32,
+        })
+        .collect()
+}
+
+#[test]
+fn device_penalty_matches_the_host() {
+    use cuda::penalty::DevicePenalty;
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut checked = 0;
+    for (n, capacity) in [(1, 1), (7, 5), (1000, 64), (4099, 3000), (128_256, 4096)] {
+        let mut penalty = DevicePenalty::new(dev, n, capacity).unwrap();
+        let windows = [1, 3.min(capacity), capacity];
+        for (case, &window) in windows.iter().enumerate() {
+            let factor = if case % 2 == 0 { 1.3f32 } else { 0.7 };
+            for before_len in [0, 2, window + 5] {
+                let mut history = penalty_ids(&mut rng, n, before_len);
+                penalty.start(factor, window, &history).unwrap();
+                let steps = (window + 3).min(40);
+                for step in 0..steps {
+                    let token = penalty_ids(&mut rng, n, 1)[0];
+                    history.push(token);
+                    let mut x: Vec<f32> = (0..n).map(|_| rng.random_range(-8.0..8.0)).collect();
+                    x[rng.random_range(0..n)] = -0.0;
+                    x[rng.random_range(0..n)] = 0.0;
+                    let logits = Tensor::from_slice(&x, (1, n), dev).unwrap();
+                    let state = Tensor::new(&[token, step as u32], dev).unwrap();
+                    penalty.apply(&logits, &state).unwrap();
+                    let recent = &history[history.len().saturating_sub(window)..];
+                    penalize_on_host(&mut x, recent, factor);
+                    let got = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&x),
+                        "n {n} window {window} before {before_len} step {step}"
+                    );
+                    assert_eq!(state.to_vec1::<u32>().unwrap(), [token, step as u32]);
+                    checked += 1;
+                }
+            }
+        }
+        // Bad windows, factors and logits are errors, not launches.
+        assert!(penalty.start(1.3, 0, &[]).is_err());
+        assert!(penalty.start(1.3, capacity + 1, &[]).is_err());
+        assert!(penalty.start(f32::NAN, 1, &[]).is_err());
+        assert!(penalty.start(0.0, 1, &[]).is_err());
+        let state = Tensor::new(&[0u32, 0], dev).unwrap();
+        let short = Tensor::zeros(n + 1, DType::F32, dev).unwrap();
+        assert!(penalty.apply(&short, &state).is_err());
+        let wrong = Tensor::zeros(n, DType::BF16, dev).unwrap();
+        assert!(penalty.apply(&wrong, &state).is_err());
+    }
+    assert!(checked > 200, "{checked} applications");
+    assert!(DevicePenalty::new(dev, 0, 4).is_err());
+    assert!(DevicePenalty::new(dev, 4, 0).is_err());
+}
+
+#[test]
+fn device_penalty_replays_in_a_graph_with_the_argmax() {
+    use cuda::greedy::{self, TokenReadback};
+    use cuda::penalty::DevicePenalty;
+    let dev = gpu();
+    let mut rng = StdRng::seed_from_u64(29);
+    // The same logits every step: only the penalty over the last `window` picks moves the
+    // argmax, so the picks cycle through the best few ids.
+    let (n, window, factor) = (1000, 6, 4.0f32);
+    let base: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let before = penalty_ids(&mut rng, n, 9);
+    let source = Tensor::from_slice(&base, (1, n), dev).unwrap();
+    let logits = Tensor::zeros((1, n), DType::F32, dev).unwrap();
+    let first = before[before.len() - 1];
+    let state = Tensor::new(&[first, 0], dev).unwrap();
+    let mut penalty = DevicePenalty::new(dev, n, 64).unwrap();
+    penalty
+        .start(factor, window, &before[..before.len() - 1])
+        .unwrap();
+    let step = || {
+        logits.slice_set(&source, 0, 0)?;
+        penalty.apply(&logits, &state)?;
+        greedy::greedy_next(&state, &logits)
+    };
+    let cuda = dev.as_cuda_device().unwrap();
+    let graph = cuda::Graph::capture(cuda, step).unwrap();
+    let mut readback = TokenReadback::new(dev).unwrap();
+    let mut history = before.clone();
+    let mut distinct = std::collections::HashSet::new();
+    for position in 0..50 {
+        graph.launch().unwrap();
+        readback.queue(&state).unwrap();
+        let mut x = base.clone();
+        penalize_on_host(&mut x, &history[history.len() - window..], factor);
+        let want = first_argmax(&x);
+        assert_eq!(readback.wait().unwrap(), want, "replay {position}");
+        history.push(want);
+        distinct.insert(want);
+    }
+    assert!(distinct.len() > window, "the picks cycle: {distinct:?}");
+    assert_eq!(state.to_vec1::<u32>().unwrap()[1], 50);
+}

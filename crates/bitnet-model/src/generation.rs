@@ -106,21 +106,21 @@ impl Sampler {
         self.params.temperature == 0.0 && self.params.repeat_penalty == 1.0
     }
 
-    /// The parameters of a draw the GPU can make itself: a temperature above 0 without a
-    /// repetition penalty (which needs the history on the host).
+    /// These parameters for decoding on the GPU: the draw at a temperature above 0 (else the
+    /// argmax), after the repetition penalty unless it is 1.
     #[cfg(feature = "cuda")]
-    fn device_draw(&self) -> Option<bitnet_kernels::cuda::sample::DrawParams> {
+    fn device_pick(&self) -> crate::model::DevicePick {
         let p = &self.params;
-        (p.temperature > 0.0 && p.repeat_penalty == 1.0).then(|| {
-            bitnet_kernels::cuda::sample::DrawParams {
-                temperature: p.temperature,
-                // Beyond u32 it exceeds every vocabulary: off, as the host treats it.
-                top_k: p.top_k.map_or(0, |k| u32::try_from(k).unwrap_or(0)),
-                top_p: p.top_p.unwrap_or(1.0),
-                min_p: p.min_p.unwrap_or(0.0),
-                seed: p.seed,
-            }
-        })
+        let draw = (p.temperature > 0.0).then(|| bitnet_kernels::cuda::sample::DrawParams {
+            temperature: p.temperature,
+            // Beyond u32 it exceeds every vocabulary: off, as the host treats it.
+            top_k: p.top_k.map_or(0, |k| u32::try_from(k).unwrap_or(0)),
+            top_p: p.top_p.unwrap_or(1.0),
+            min_p: p.min_p.unwrap_or(0.0),
+            seed: p.seed,
+        });
+        let penalty = (p.repeat_penalty != 1.0).then_some((p.repeat_penalty, p.repeat_last_n));
+        crate::model::DevicePick { draw, penalty }
     }
 
     /// The next token given one position's logits and the tokens so far.
@@ -496,11 +496,13 @@ pub fn generate(
 /// steps through [`ForCausalLM::forward`].
 ///
 /// On a CUDA model with a BF16 embedding the pick runs on the GPU — the argmax, or a draw at a
-/// temperature with top-k, top-p and min-p (`bitnet_kernels::cuda::sample`) — and each step is
-/// queued before the previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn
-/// tokens follow the host sampler's distribution from the device's own random numbers (seeded
-/// by the sampler's seed and the position). Elsewhere, and with a repetition penalty, each
-/// step is a [`ForCausalLM::forward`] and [`Sampler::sample`] on the host.
+/// temperature with top-k, top-p and min-p (`bitnet_kernels::cuda::sample`), after the
+/// repetition penalty (`bitnet_kernels::cuda::penalty`) — and each step is queued before the
+/// previous token is read (docs/CUDA.md). The greedy tokens are the host's; drawn tokens follow
+/// the host sampler's distribution from the device's own random numbers (seeded by the
+/// sampler's seed and the position). Elsewhere (and after
+/// [`ForCausalLM::set_device_sampling`]`(false)`) each step is a [`ForCausalLM::forward`] and
+/// [`Sampler::sample`] on the host.
 pub fn decode(
     model: &mut ForCausalLM,
     sampler: &mut Sampler,
@@ -526,10 +528,8 @@ pub fn decode(
     }
     #[cfg(feature = "cuda")]
     if model.picks_on_cuda() {
-        let draw = sampler.device_draw();
-        if draw.is_some() || sampler.is_greedy() {
-            return model.decode_on_cuda(token, offset, max_tokens, draw.as_ref(), on_token);
-        }
+        let pick = sampler.device_pick();
+        return model.decode_on_cuda(history, offset, max_tokens, &pick, on_token);
     }
     let mut history = history.to_vec();
     let mut token = token;

@@ -45,6 +45,8 @@ use crate::weights::Weights;
 
 #[cfg(feature = "cuda")]
 mod decode;
+#[cfg(feature = "cuda")]
+pub(crate) use decode::DevicePick;
 
 /// Default number of prompt tokens processed per forward step on the CPU (see
 /// [`ForCausalLM::set_prefill_chunk`]).
@@ -655,6 +657,8 @@ pub struct ForCausalLM {
     prefill_chunk: usize,
     /// Record CUDA decode steps as a graph (see `model/decode.rs`).
     cuda_graphs: bool,
+    /// Pick tokens on the GPU when decoding there (see `model/decode.rs`).
+    device_sampling: bool,
     #[cfg(feature = "cuda")]
     decode_graph: decode::DecodeGraph,
 }
@@ -810,6 +814,7 @@ impl ForCausalLM {
                 DEFAULT_PREFILL_CHUNK_GPU
             },
             cuda_graphs: true,
+            device_sampling: true,
             #[cfg(feature = "cuda")]
             decode_graph: Default::default(),
         })
@@ -986,6 +991,14 @@ impl ForCausalLM {
     /// slower at batch 1 (for comparisons). No effect on other devices.
     pub fn set_cuda_graphs(&mut self, enabled: bool) {
         self.cuda_graphs = enabled;
+    }
+
+    /// Whether [`generation::decode`](crate::generation::decode) picks each token on a CUDA
+    /// device (default: on): the argmax or the draw, and the repetition penalty, run inside
+    /// the decode step, which reads back four bytes instead of the logits. Off, every step's
+    /// logits go to the host sampler, as on the CPU (for comparisons). No effect elsewhere.
+    pub fn set_device_sampling(&mut self, enabled: bool) {
+        self.device_sampling = enabled;
     }
 
     /// Why single-token CUDA steps could not be recorded as a CUDA graph (they then run

@@ -39,7 +39,7 @@ pub fn greedy_next(state: &Tensor, logits: &Tensor) -> Result<()> {
 struct GreedyNext;
 
 /// The `[token, position]` pair of a state tensor.
-fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+pub(crate) fn state_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
     let (a, b) = contiguous(l, what)?;
     if b - a != 2 {
         candle_core::bail!("{what}: expected a two-element [token, position] tensor");

@@ -23,12 +23,13 @@
 //! each stage separately for tests and benchmarks. Decoding adds [`attention`] (single-token
 //! attention against an f32 KV cache, appending the token's keys and values in the same launch),
 //! [`greedy`] (the argmax and the next embedding lookup on the GPU), [`sample`] (a token drawn
-//! at a temperature, with top-p and min-p, on the GPU) and [`Graph`] (one launch for a recorded
-//! step).
+//! at a temperature, with top-k, top-p and min-p, on the GPU), [`penalty`] (the repetition
+//! penalty before either) and [`Graph`] (one launch for a recorded step).
 
 pub mod attention;
 mod graph;
 pub mod greedy;
+pub mod penalty;
 pub mod sample;
 
 pub use graph::Graph;

@@ -33,8 +33,8 @@ const SAMPLE_MAX_BLOCKS: usize = 1024;
 /// Threads per block (`SAMPLE_THREADS`).
 const SAMPLE_THREADS: usize = 256;
 
-/// What [`DeviceSampler`] draws with: the host sampler's parameters at a temperature above 0,
-/// without a repetition penalty.
+/// What [`DeviceSampler`] draws with: the host sampler's parameters at a temperature above 0
+/// (a repetition penalty is applied to the logits before, by [`super::penalty`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DrawParams {
     /// Softmax temperature, > 0.
@@ -80,11 +80,13 @@ pub struct DeviceSampler {
     params: CudaSlice<u32>,
     work: CudaSlice<u32>,
     vocab: usize,
+    /// Whether the parameters cut by top-k (else its three passes are not launched).
+    top_k: bool,
 }
 
 impl DeviceSampler {
-    /// A sampler for `vocab` logits on the CUDA device `device`, drawing with `params`.
-    pub fn new(device: &candle_core::Device, vocab: usize, params: &DrawParams) -> Result<Self> {
+    /// A sampler for `vocab` logits on the CUDA device `device`, drawing with `draw`.
+    pub fn new(device: &candle_core::Device, vocab: usize, draw: &DrawParams) -> Result<Self> {
         if vocab == 0 || vocab > SAMPLE_CHUNK * SAMPLE_MAX_BLOCKS {
             candle_core::bail!(
                 "device sampling: {vocab} logits (1..={} supported)",
@@ -93,7 +95,7 @@ impl DeviceSampler {
         }
         let dev = device.as_cuda_device()?;
         let stream = dev.cuda_stream();
-        let params = stream.clone_htod(&params.words()?).w()?;
+        let params = stream.clone_htod(&draw.words()?).w()?;
         let work = stream
             .alloc_zeros::<u32>(SAMPLE_WORK_BYTES / 4 + 2 * vocab)
             .w()?;
@@ -101,22 +103,37 @@ impl DeviceSampler {
             params,
             work,
             vocab,
+            top_k: top_k_cuts(draw, vocab),
         })
     }
 
+    /// Whether [`DeviceSampler::next`] runs the top-k passes: a recording of it is only valid
+    /// for parameters that agree on this.
+    pub fn uses_top_k(&self) -> bool {
+        self.top_k
+    }
+
     /// Replaces the parameters in place (in stream order: a recorded step that samples with
-    /// this sampler uses them from its next launch on).
+    /// this sampler uses them from its next launch on, if [`DeviceSampler::uses_top_k`] has not
+    /// changed).
     pub fn set_params(&mut self, params: &DrawParams) -> Result<()> {
         let words = params.words()?;
         let stream = self.params.stream().clone();
-        stream.memcpy_htod(&words, &mut self.params).w()
+        stream.memcpy_htod(&words, &mut self.params).w()?;
+        self.top_k = top_k_cuts(params, self.vocab);
+        Ok(())
     }
 
-    /// Eight launches: `state[0]` ← a token drawn from `logits` (f32 `[vocab]` or `[1, vocab]`
+    /// Five launches, eight with top-k: `state[0]` ← a token drawn from `logits` (f32 `[vocab]` or `[1, vocab]`
     /// on the state's device; [`super::greedy::NAN_TOKEN`] if any logit is NaN), `state[1]` += 1.
     pub fn next(&self, state: &Tensor, logits: &Tensor) -> Result<()> {
         state.inplace_op2(&logits.contiguous()?, &SampleNext { sampler: self })
     }
+}
+
+/// `top_k_on` in kernels/bitnet.cu: whether top-k removes any of `vocab` tokens.
+fn top_k_cuts(draw: &DrawParams, vocab: usize) -> bool {
+    draw.top_k > 0 && (draw.top_k as usize) < vocab
 }
 
 struct SampleNext<'a> {
@@ -155,8 +172,10 @@ impl candle_core::InplaceOp2 for SampleNext<'_> {
         // only the sampler's scratch (sized for n) and the two-word state.
         unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;
         let f = func(&dev, "bitnet_sample_hist")?;
-        // Passes 0-2 find the top-k cut, 3-5 the top-p cut (each returns at once when off).
-        for pass in 0i32..6 {
+        // Passes 0-2 find the top-k cut, 3-5 the top-p cut (4 and 5 return at once without
+        // top-p; 3 also stores the weights).
+        let first = if s.top_k { 0i32 } else { 3 };
+        for pass in first..6 {
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&n).arg(&s.params).arg(&s.work).arg(&pass);
             unsafe { b.launch(cfg(grid, SAMPLE_THREADS)) }.w()?;

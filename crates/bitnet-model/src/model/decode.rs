@@ -13,12 +13,13 @@
 //!   memory. The recording writes into the KV buffers, so it is redone when they are regrown
 //!   or dropped.
 //! - the step ends with the next token picked on the device: the argmax (`cuda::greedy`) or,
-//!   at a temperature, a draw with top-k, top-p and min-p (`cuda::sample`). Its input is a
-//!   `[token, position]` state in device memory that the step advances, and the embedding row
-//!   is looked up there too (BF16 tables). Decoding ([`ForCausalLM::decode_on_cuda`]) then
-//!   queues step `n + 1` before reading step `n`'s token (four bytes instead of the 513 KB of
-//!   logits), so the GPU does not wait for the host between steps. A repetition penalty reads
-//!   the logits as before and writes the state from the host.
+//!   at a temperature, a draw with top-k, top-p and min-p (`cuda::sample`), after a repetition
+//!   penalty if there is one (`cuda::penalty`, which keeps the recent tokens on the device).
+//!   Its input is a `[token, position]` state in device memory that the step advances, and the
+//!   embedding row is looked up there too (BF16 tables). Decoding
+//!   ([`ForCausalLM::decode_on_cuda`]) then queues step `n + 1` before reading step `n`'s token
+//!   (four bytes instead of the 513 KB of logits), so the GPU does not wait for the host
+//!   between steps.
 //!
 //! The first step after (re)allocation runs eagerly (which also loads kernels and uploads
 //! weights, as recording requires) and is then recorded. If recording fails (an op that
@@ -26,6 +27,7 @@
 
 use bitnet_kernels::cuda::attention::{self, Rope, MAX_HEAD_DIM};
 use bitnet_kernels::cuda::greedy::{self, TokenReadback, NAN_TOKEN};
+use bitnet_kernels::cuda::penalty::DevicePenalty;
 use bitnet_kernels::cuda::sample::{DeviceSampler, DrawParams};
 use bitnet_kernels::cuda::{copy_from_host, Graph};
 use candle_core::{DType, Device, Module, Tensor, TensorId};
@@ -38,14 +40,32 @@ use crate::head::LmHead;
 #[derive(Debug, Default)]
 pub(crate) struct DecodeGraph {
     io: Option<StepIo>,
-    /// The recording, the KV buffers it wrote and whether it ends with `sampler`'s draw.
-    recorded: Option<(Vec<TensorId>, bool, Graph)>,
+    /// The recording, the KV buffers it wrote and how it picks the token.
+    recorded: Option<(Vec<TensorId>, Pick, Graph)>,
     /// Why recording failed, if it did (decoding then stays eager).
     failed: Option<String>,
     /// Where decoding on the device reads each token.
     readback: Option<TokenReadback>,
     /// The draw of the last sampled decoding, kept for its recording.
     sampler: Option<DeviceSampler>,
+    /// The repetition penalty of the last decoding that had one, kept for its recording.
+    penalty: Option<DevicePenalty>,
+}
+
+/// What decoding on the device picks each token with (the host sampler's parameters): a draw,
+/// else the argmax, after a repetition penalty (factor, window in tokens) if there is one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct DevicePick {
+    pub draw: Option<DrawParams>,
+    pub penalty: Option<(f32, usize)>,
+}
+
+/// How a step picks its token, as far as its recording depends on it: the decode graph's
+/// penalty first or not; its sampler's draw (with the top-k passes or not) or the argmax.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Pick {
+    penalty: bool,
+    draw: Option<bool>,
 }
 
 impl Clone for DecodeGraph {
@@ -91,14 +111,14 @@ impl Attention {
     }
 }
 
-/// One decode step from `io.state` into `io.logits` and the next state (the argmax, or a draw
-/// by `sampler`): what is recorded and replayed.
+/// One decode step from `io.state` into `io.logits` and the next state (after `penalty`, the
+/// argmax, or a draw by `sampler`): what is recorded and replayed.
 fn step(
     model: &Model,
     head: &LmHead,
     cache: &Cache,
     io: &StepIo,
-    sampler: Option<&DeviceSampler>,
+    (penalty, sampler): (Option<&DevicePenalty>, Option<&DeviceSampler>),
 ) -> candle_core::Result<()> {
     let buffers = cache.buffers()?;
     let embed = &model.embed_tokens;
@@ -118,6 +138,9 @@ fn step(
     let h = hidden.dim(2)?;
     let logits = head.forward(&hidden.reshape((1, h))?)?;
     io.logits.slice_set(&logits, 0, 0)?;
+    if let Some(p) = penalty {
+        p.apply(&io.logits, &io.state)?;
+    }
     match sampler {
         Some(s) => s.next(&io.state, &io.logits),
         None => greedy::greedy_next(&io.state, &io.logits),
@@ -165,7 +188,7 @@ impl ForCausalLM {
             io.x.slice_set(&x.reshape(io.x.shape())?, 0, 0)?;
         }
         copy_from_host(&io.state, &Tensor::new(&state, &Device::Cpu)?)?;
-        self.run_step(offset, false)?;
+        self.run_step(offset, Pick::default())?;
         self.step_io()?.logits.copy()
     }
 
@@ -184,11 +207,11 @@ impl ForCausalLM {
         }
     }
 
-    /// Queues the step at `offset` from the state already on the device, ending with the argmax
-    /// or (`sample`) the draw of the sampler set up by [`ForCausalLM::decode_on_cuda`]: replays
+    /// Queues the step at `offset` from the state already on the device, ending with `pick`
+    /// (through the sampler and penalty set up by [`ForCausalLM::decode_on_cuda`]): replays
     /// the recording, or runs the step eagerly and records it when the KV buffers or the pick
     /// are new.
-    fn run_step(&mut self, offset: usize, sample: bool) -> candle_core::Result<()> {
+    fn run_step(&mut self, offset: usize, pick: Pick) -> candle_core::Result<()> {
         let max = self.max_context();
         let dev = self.device().clone();
         let c = &self.config;
@@ -200,29 +223,34 @@ impl ForCausalLM {
             recorded,
             failed,
             sampler,
+            penalty,
             ..
         } = &mut self.decode_graph;
         let Some(io) = io else {
             candle_core::bail!("decode step tensors missing");
         };
-        let sampler = match (sample, sampler) {
-            (false, _) => None,
-            (true, Some(s)) => Some(&*s),
-            (true, None) => candle_core::bail!("decode step: no device sampler set up"),
+        let sampler = match (pick.draw, sampler) {
+            (None, _) => None,
+            (Some(top_k), Some(s)) if s.uses_top_k() == top_k => Some(&*s),
+            (Some(_), _) => candle_core::bail!("decode step: the device sampler is not set up"),
         };
+        let penalty = match (pick.penalty, penalty) {
+            (false, _) => None,
+            (true, Some(p)) => Some(&*p),
+            (true, None) => candle_core::bail!("decode step: the device penalty is not set up"),
+        };
+        let pickers = (penalty, sampler);
         let ids_now = self.cache.buffer_ids();
         match recorded {
-            Some((ids, s, g)) if self.cuda_graphs && *ids == ids_now && *s == sample => {
-                g.launch()?
-            }
+            Some((ids, p, g)) if self.cuda_graphs && *ids == ids_now && *p == pick => g.launch()?,
             _ => {
                 *recorded = None;
-                step(&self.model, &self.lm_head, &self.cache, io, sampler)?;
+                step(&self.model, &self.lm_head, &self.cache, io, pickers)?;
                 if self.cuda_graphs && failed.is_none() {
                     let cuda = dev.as_cuda_device()?;
                     let (model, head, cache) = (&self.model, &self.lm_head, &self.cache);
-                    match Graph::capture(cuda, || step(model, head, cache, io, sampler)) {
-                        Ok(g) => *recorded = Some((ids_now, sample, g)),
+                    match Graph::capture(cuda, || step(model, head, cache, io, pickers)) {
+                        Ok(g) => *recorded = Some((ids_now, pick, g)),
                         Err(e) => *failed = Some(e.to_string()),
                     }
                 }
@@ -233,27 +261,30 @@ impl ForCausalLM {
     }
 
     /// True when [`ForCausalLM::decode_on_cuda`] runs on the device: a CUDA decode step whose
-    /// embedding rows are looked up there.
+    /// embedding rows are looked up there, unless turned off
+    /// ([`ForCausalLM::set_device_sampling`]).
     pub(crate) fn picks_on_cuda(&self) -> bool {
-        self.decodes_on_cuda(1, 1) && self.model.embed_tokens.looks_up_on_device()
+        self.device_sampling
+            && self.decodes_on_cuda(1, 1)
+            && self.model.embed_tokens.looks_up_on_device()
     }
 
     /// Decoding on the device (see the module docs and `generation::decode`, which checks the
-    /// context and whose contract this keeps): feeds `token` at `offset`, then each next token
-    /// (the argmax, or drawn with `draw`), until `on_token` returns false or `max_tokens` were
-    /// produced; returns how many were.
+    /// context and whose contract this keeps): feeds the last of `history` (the tokens so far)
+    /// at `offset`, then each next token picked by `pick`, until `on_token` returns false or
+    /// `max_tokens` were produced; returns how many were.
     pub(crate) fn decode_on_cuda<E: From<candle_core::Error>>(
         &mut self,
-        token: u32,
+        history: &[u32],
         offset: usize,
         max_tokens: usize,
-        draw: Option<&DrawParams>,
+        pick: &DevicePick,
         mut on_token: impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, E> {
         if max_tokens == 0 {
             return Ok(0);
         }
-        let r = self.device_steps(token, offset, max_tokens, draw, &mut on_token);
+        let r = self.device_steps(history, offset, max_tokens, pick, &mut on_token);
         if matches!(r, Err(Fail::Model(_))) {
             // As in `decode_cuda`: a failed step may have written some layers only.
             self.cache.clear();
@@ -266,31 +297,64 @@ impl ForCausalLM {
 
     fn device_steps<E>(
         &mut self,
-        token: u32,
+        history: &[u32],
         offset: usize,
         max_tokens: usize,
-        draw: Option<&DrawParams>,
+        pick: &DevicePick,
         on_token: &mut impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, Fail<E>> {
+        let Some((&token, before)) = history.split_last() else {
+            return Err(Fail::Model(candle_core::Error::Msg(
+                "decoding needs the last token so far".into(),
+            )));
+        };
         // `prepare` checks the token and rewinds the cache; the caller checked that the last
         // step, at `offset + max_tokens - 1`, is inside the context.
         self.prepare(&Tensor::new(&[[token]], &Device::Cpu)?, offset)?;
         let state = [token, position(offset)?];
         copy_from_host(&self.step_io()?.state, &Tensor::new(&state, &Device::Cpu)?)?;
-        if let Some(draw) = draw {
-            let (device, vocab) = (self.device().clone(), self.config.vocab_size);
-            match &mut self.decode_graph.sampler {
-                Some(s) => s.set_params(draw)?,
-                s @ None => *s = Some(DeviceSampler::new(&device, vocab, draw)?),
-            }
-        }
+        let step_pick = self.set_up_pick(pick, before)?;
         let mut readback = match self.decode_graph.readback.take() {
             Some(r) => r,
             None => TokenReadback::new(self.device())?,
         };
-        let r = self.pipeline(offset, max_tokens, draw.is_some(), &mut readback, on_token);
+        let r = self.pipeline(offset, max_tokens, step_pick, &mut readback, on_token);
         self.decode_graph.readback = Some(readback);
         r
+    }
+
+    /// Loads `pick`'s parameters (and `before`, the tokens before the first input, into the
+    /// penalty's history) into the decode graph's sampler and penalty, made on first use.
+    fn set_up_pick(&mut self, pick: &DevicePick, before: &[u32]) -> candle_core::Result<Pick> {
+        let (device, vocab) = (self.device().clone(), self.config.vocab_size);
+        // A window beyond the context holds the whole history, as the context-long one does.
+        let capacity = self.max_context().max(1);
+        let graph = &mut self.decode_graph;
+        let draw = match &pick.draw {
+            None => None,
+            Some(draw) => {
+                let s = match &mut graph.sampler {
+                    Some(s) => {
+                        s.set_params(draw)?;
+                        s
+                    }
+                    s @ None => s.insert(DeviceSampler::new(&device, vocab, draw)?),
+                };
+                Some(s.uses_top_k())
+            }
+        };
+        let penalty = match pick.penalty {
+            Some((factor, window)) if factor != 1.0 && window > 0 => {
+                let p = match &mut graph.penalty {
+                    Some(p) => p,
+                    p @ None => p.insert(DevicePenalty::new(&device, vocab, capacity)?),
+                };
+                p.start(factor, window.min(capacity), before)?;
+                true
+            }
+            _ => false,
+        };
+        Ok(Pick { penalty, draw })
     }
 
     /// The loop of [`ForCausalLM::decode_on_cuda`] after its checks: the copy of token `i` is
@@ -299,18 +363,18 @@ impl ForCausalLM {
         &mut self,
         offset: usize,
         max_tokens: usize,
-        sample: bool,
+        pick: Pick,
         readback: &mut TokenReadback,
         on_token: &mut impl FnMut(u32) -> Result<bool, E>,
     ) -> Result<usize, Fail<E>> {
-        self.run_step(offset, sample)?;
+        self.run_step(offset, pick)?;
         readback.queue(&self.step_io()?.state)?;
         let mut produced = 0;
         loop {
             produced += 1;
             let more = produced < max_tokens;
             if more {
-                self.run_step(offset + produced, sample)?;
+                self.run_step(offset + produced, pick)?;
             }
             let token = readback.wait()?;
             if token == NAN_TOKEN {
