@@ -867,10 +867,28 @@ fn greedy_next_and_embed_row_match_the_host() {
     let op = Bf16LinearOp::new(Arc::new(
         Bf16Matrix::new(values.clone(), rows, cols).unwrap(),
     ));
+    // The same rows from a table that lives on the device (`embed_row_of`), here a view at an
+    // offset of a larger tensor.
+    let mut padded = random_bf16(&mut rng, cols);
+    padded.extend_from_slice(&values);
+    let on_device = Tensor::from_vec(padded, (rows + 1, cols), dev)
+        .unwrap()
+        .narrow(0, 1, rows)
+        .unwrap();
     for id in [0u32, 5, 36, NAN_TOKEN, 37] {
         let state = Tensor::new(&[id, 0], dev).unwrap();
         let f = op.embed_row(&state, DType::F32).unwrap();
         let b = op.embed_row(&state, DType::BF16).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let of = greedy::embed_row_of(&on_device, &state, dtype).unwrap();
+            let by_op = op.embed_row(&state, dtype).unwrap();
+            let bits = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            assert_eq!(
+                bits(&of).to_vec1::<f32>().unwrap(),
+                bits(&by_op).to_vec1::<f32>().unwrap(),
+                "embed_row_of, id {id}, {dtype:?}"
+            );
+        }
         assert_eq!(f.dims(), [1, cols]);
         let want: Vec<bf16> = match values.chunks(cols).nth(id as usize) {
             Some(row) => row.to_vec(),
@@ -888,6 +906,12 @@ fn greedy_next_and_embed_row_match_the_host() {
             "id {id}"
         );
     }
+    let state = Tensor::new(&[1u32, 0], dev).unwrap();
+    let f32_table = on_device.to_dtype(DType::F32).unwrap();
+    assert!(greedy::embed_row_of(&f32_table, &state, DType::F32).is_err());
+    let host_table = on_device.to_device(&Device::Cpu).unwrap();
+    assert!(greedy::embed_row_of(&host_table, &state, DType::F32).is_err());
+    assert!(greedy::embed_row_of(&on_device, &state, DType::F16).is_err());
 }
 
 /// The device sampler's CPU twin: the same fixed-point weights (every f64 step as the kernel

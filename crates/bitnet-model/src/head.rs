@@ -16,8 +16,8 @@
 //! on CUDA (the kernel crate uploads it on first use; the same logits as on the CPU). A
 //! tied embedding then reads the checkpoint's exact rows from the memory map (when the
 //! checkpoint holds the table as a float matrix; otherwise it dequantizes the rows it gathers).
-//! On CUDA, BF16 exact rows also get a device copy, so greedy decoding's single-token lookups
-//! stay on the GPU as with the exact head.
+//! On CUDA, BF16 exact rows also get a device copy (uploaded straight from the map at load), so
+//! decoding's single-token lookups stay on the GPU as with the exact head.
 
 use std::sync::Arc;
 
@@ -94,10 +94,10 @@ pub(crate) struct Embedding {
     /// instead, so only the head is approximated. Quantizing the embedding too cost most of
     /// q4's perplexity change on the fixtures (docs/BENCHMARKS.md).
     exact: Option<MappedRows>,
-    /// On a CUDA model, a device copy of those rows when they are BF16, so that greedy decoding
-    /// looks them up on the GPU too (a second 0.66 GB at the 2B-4T shape, host and device).
+    /// On a CUDA model, a device copy of those rows when they are BF16, so that decoding looks
+    /// them up on the GPU too (a second 0.66 GB of device memory at the 2B-4T shape).
     #[cfg(feature = "cuda")]
-    exact_on_device: Option<Bf16LinearOp>,
+    exact_on_device: Option<Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -108,21 +108,20 @@ impl Embedding {
         exact: Option<MappedRows>,
         dtype: DType,
         device: &Device,
-    ) -> Self {
+    ) -> candle_core::Result<Self> {
         #[cfg(feature = "cuda")]
-        let exact_on_device = exact
-            .as_ref()
-            .filter(|_| device.is_cuda())
-            .and_then(MappedRows::bf16_matrix)
-            .map(|m| Bf16LinearOp::new(Arc::new(m)));
-        Self {
+        let exact_on_device = match &exact {
+            Some(rows) if device.is_cuda() => rows.upload_bf16(device)?,
+            _ => None,
+        };
+        Ok(Self {
             table,
             exact,
             #[cfg(feature = "cuda")]
             exact_on_device,
             dtype,
             device: device.clone(),
-        }
+        })
     }
 
     /// Rows for `ids` (u32, any shape, on any device, already checked to be `< rows`) as
@@ -173,31 +172,27 @@ impl Embedding {
         &self.device
     }
 
-    /// The table when rows are looked up on the GPU (a BF16 table, or a quantized tied head's
-    /// BF16 exact rows, on a CUDA model): the op that holds its device copy. Other exact rows
-    /// and F32 tables are read on the host.
-    #[cfg(feature = "cuda")]
-    fn device_table(&self) -> Option<&Bf16LinearOp> {
-        match (&self.table, &self.exact) {
-            (Table::Bf16(op), None) if self.device.is_cuda() => Some(op),
-            (_, Some(_)) => self.exact_on_device.as_ref(),
-            _ => None,
-        }
-    }
-
-    /// True when [`Embedding::forward_on_device`] works.
+    /// True when [`Embedding::forward_on_device`] works: a BF16 table (whose op holds the
+    /// device copy it shares with the head), or a quantized tied head's BF16 exact rows, on a
+    /// CUDA model. Other exact rows and F32 tables are read on the host.
     #[cfg(feature = "cuda")]
     pub(crate) fn looks_up_on_device(&self) -> bool {
-        self.device_table().is_some()
+        match (&self.table, &self.exact) {
+            (Table::Bf16(_), None) => self.device.is_cuda(),
+            (_, Some(_)) => self.exact_on_device.is_some(),
+            _ => false,
+        }
     }
 
     /// Row `state[0]` as `[1, cols]` in the model dtype, looked up on the GPU that holds the
     /// `[token, position]` state (see `bitnet_kernels::cuda::greedy`).
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_on_device(&self, state: &Tensor) -> candle_core::Result<Tensor> {
-        match self.device_table() {
-            Some(op) => op.embed_row(state, self.dtype),
-            None => candle_core::bail!("this embedding table is read on the host"),
+        use bitnet_kernels::cuda::greedy::embed_row_of;
+        match (&self.table, &self.exact, &self.exact_on_device) {
+            (_, Some(_), Some(rows)) => embed_row_of(rows, state, self.dtype),
+            (Table::Bf16(op), None, _) if self.device.is_cuda() => op.embed_row(state, self.dtype),
+            _ => candle_core::bail!("this embedding table is read on the host"),
         }
     }
 }
@@ -286,7 +281,7 @@ mod tests {
                 .unwrap();
             assert!(d < 1e-4, "m = {m}: {d}");
         }
-        let emb = Embedding::new(table, None, DType::F32, &dev);
+        let emb = Embedding::new(table, None, DType::F32, &dev).unwrap();
         let ids = Tensor::new(&[3u32, 0, 3], &dev).unwrap();
         let got = emb.forward(&ids).unwrap();
         let want = w
@@ -342,7 +337,7 @@ mod tests {
                     }
                 }
             }
-            let emb = Embedding::new(table, None, DType::F32, &dev);
+            let emb = Embedding::new(table, None, DType::F32, &dev).unwrap();
             let got = emb
                 .forward(&Tensor::new(&[7u32, 0, 299], &dev).unwrap())
                 .unwrap()

@@ -796,7 +796,7 @@ impl ForCausalLM {
             .then(|| weights.mapped_rows(embed_name, vocab, h))
             .flatten();
         let model = Model {
-            embed_tokens: Embedding::new(embed_tokens, exact_rows, dtype, device),
+            embed_tokens: Embedding::new(embed_tokens, exact_rows, dtype, device)?,
             layers,
             norm,
             rotary: RotaryEmbedding::new(&config, dtype, device)?,

@@ -270,23 +270,11 @@ impl Weights {
     /// [`Weights::release`] for the bytes `part` of tensor `name` only (clamped to the tensor),
     /// so that a large tensor copied piece by piece never has all its pages resident at once.
     pub fn release_part(&self, name: &str, part: std::ops::Range<usize>) {
-        #[cfg(unix)]
         if let Some(e) = self.entries.get(name) {
-            let shard = &self.shards[e.shard];
             let start = e.bytes.start + part.start.min(e.bytes.len());
             let end = e.bytes.start + part.end.min(e.bytes.len());
-            // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages;
-            // a later access faults them back in from the unchanged file. Failure is harmless.
-            let _ = unsafe {
-                shard.mmap.unchecked_advise_range(
-                    UncheckedAdvice::DontNeed,
-                    start,
-                    end.saturating_sub(start),
-                )
-            };
+            release_pages(&self.shards[e.shard].mmap, start..end);
         }
-        #[cfg(not(unix))]
-        let _ = (name, part);
     }
 
     /// Rows of the float matrix `name` (`[rows, cols]`, BF16 / F16 / F32), read from the map
@@ -471,6 +459,17 @@ mod tests {
     }
 }
 
+/// Drops the resident pages of `bytes` of a read-only map (see [`Weights::release`]).
+fn release_pages(mmap: &Mmap, bytes: Range<usize>) {
+    #[cfg(unix)]
+    // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages; a later
+    // access faults them back in from the unchanged file. Failure is harmless.
+    let _ =
+        unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, bytes.start, bytes.len()) };
+    #[cfg(not(unix))]
+    let _ = (mmap, bytes);
+}
+
 /// A float matrix left in the memory map, read a row at a time (see [`Weights::mapped_rows`]).
 ///
 /// Used for a tied embedding when the LM head is quantized: a token reads one row, so keeping
@@ -505,19 +504,29 @@ impl MappedRows {
         self.cols
     }
 
-    /// The whole matrix as a [`bitnet_kernels::Bf16Matrix`] when stored in BF16 (so exactly), else
-    /// `None`.
+    /// The whole matrix as a BF16 `[rows, cols]` tensor on `device` when it is stored in BF16
+    /// (so exactly), else `None`. It is copied from the map 64 MB at a time, each block's pages
+    /// released after its copy, so neither a host copy nor the mapped pages stay resident.
     #[cfg(feature = "cuda")]
-    pub(crate) fn bf16_matrix(&self) -> Option<bitnet_kernels::Bf16Matrix> {
-        if self.dtype != Dtype::BF16 {
-            return None;
+    pub(crate) fn upload_bf16(&self, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        if self.dtype != Dtype::BF16 || self.mmap.get(self.bytes.clone()).is_none() {
+            return Ok(None);
         }
-        let data = self.mmap.get(self.bytes.clone())?;
-        let data = data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        bitnet_kernels::Bf16Matrix::new(data, self.rows, self.cols).ok()
+        let out = Tensor::zeros((self.rows, self.cols), DType::BF16, device)?;
+        let row_bytes = self.cols * self.width;
+        let block = ((64 << 20) / row_bytes.max(1)).max(1);
+        for first in (0..self.rows).step_by(block) {
+            let n = block.min(self.rows - first);
+            let start = self.bytes.start + first * row_bytes;
+            let bytes = start..start + n * row_bytes;
+            // In range: the whole matrix is (checked above). Safetensors data is little-endian,
+            // as are the targets this runs on.
+            let data = &self.mmap[bytes.clone()];
+            let rows = Tensor::from_raw_buffer(data, DType::BF16, &[n, self.cols], device)?;
+            out.slice_set(&rows, 0, first)?;
+            release_pages(&self.mmap, bytes);
+        }
+        Ok(Some(out))
     }
 
     /// Row `i` widened to f32 (exact for every stored dtype), or `None` past the end.

@@ -125,36 +125,74 @@ impl candle_core::InplaceOp2 for GreedyNext {
 /// read on the device. An id out of range (only [`NAN_TOKEN`] can be) gives zeros.
 pub(crate) fn embed_row(
     table: &[bf16],
-    (rows, cols): (usize, usize),
+    dims: (usize, usize),
     cache: &DeviceCache<bf16>,
     state: &Tensor,
     dtype: DType,
 ) -> Result<Tensor> {
-    let out = with_state(state, "embed_row", |ss, st| {
-        let dev = ss.device().clone();
-        let wbuf = cache.get_or_upload(&dev, table, bf16::ZERO)?;
+    with_state(state, "embed_row", |ss, st| {
+        let wbuf = cache.get_or_upload(ss.device(), table, bf16::ZERO)?;
         let wbuf: &CudaSlice<bf16> = &wbuf;
-        let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
-        let grid = (cols.div_ceil(256).max(1), 1);
-        let stream = dev.cuda_stream();
-        macro_rules! run {
-            ($t:ty, $name:literal) => {{
-                // SAFETY: the kernel writes every one of the `cols` elements.
-                let mut out = unsafe { dev.alloc::<$t>(cols.max(1))? };
-                let f = func(&dev, $name)?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(wbuf).arg(&st).arg(&mut out).arg(&ri).arg(&ci);
-                // SAFETY: argument types match the kernel's signature.
-                unsafe { b.launch(cfg(grid, 256)) }.w()?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
+        lookup(&wbuf.slice(..), dims, ss, st, dtype)
+    })
+}
+
+/// Row `state[0]` of `table`, a contiguous BF16 `[rows, cols]` tensor on the state's device, as
+/// a `[1, cols]` tensor of `dtype` (f32 or bf16); zeros for an id out of range, as
+/// `Bf16LinearOp::embed_row` gives. For a table that lives on the device only (e.g. uploaded
+/// straight from a memory map).
+pub fn embed_row_of(table: &Tensor, state: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (rows, cols) = table.dims2()?;
+    let (guard, tl) = table.storage_and_layout();
+    let candle_core::Storage::Cuda(ts) = &*guard else {
+        candle_core::bail!("embed_row_of: the table must be on a CUDA device");
+    };
+    if ts.dtype() != DType::BF16 {
+        candle_core::bail!(
+            "embed_row_of: the table must be bf16, not {}",
+            ts.dtype().as_str()
+        );
+    }
+    let (t0, t1) = contiguous(tl, "embed_row_of table")?;
+    let view = ts.as_cuda_slice::<bf16>()?.slice(t0..t1);
+    with_state(state, "embed_row_of", |ss, st| {
+        if ss.device().id() != ts.device().id() {
+            candle_core::bail!("embed_row_of: the table and the state are on different devices");
         }
-        Ok(match dtype {
-            DType::F32 => run!(f32, "bitnet_embed_row_f32"),
-            DType::BF16 => run!(bf16, "bitnet_embed_row_bf16"),
-            other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
-        })
-    })?;
+        lookup(&view, (rows, cols), ss, st, dtype)
+    })
+}
+
+/// The lookup kernel over a device table `w` `[rows, cols]`.
+fn lookup(
+    w: &CudaView<'_, bf16>,
+    (rows, cols): (usize, usize),
+    ss: &CudaStorage,
+    st: CudaView<'_, u32>,
+    dtype: DType,
+) -> Result<Tensor> {
+    let dev = ss.device().clone();
+    let (ri, ci) = (i32_arg(rows)?, i32_arg(cols)?);
+    let grid = (cols.div_ceil(256).max(1), 1);
+    let stream = dev.cuda_stream();
+    macro_rules! run {
+        ($t:ty, $name:literal) => {{
+            // SAFETY: the kernel writes every one of the `cols` elements.
+            let mut out = unsafe { dev.alloc::<$t>(cols.max(1))? };
+            let f = func(&dev, $name)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(w).arg(&st).arg(&mut out).arg(&ri).arg(&ci);
+            // SAFETY: argument types match the kernel's signature; it reads row state[0] of
+            // the rows x cols table only when that id is in range.
+            unsafe { b.launch(cfg(grid, 256)) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match dtype {
+        DType::F32 => run!(f32, "bitnet_embed_row_f32"),
+        DType::BF16 => run!(bf16, "bitnet_embed_row_bf16"),
+        other => return Err(KernelError::UnsupportedDType(other.as_str()).into()),
+    };
     Ok(Tensor::from_storage(
         candle_core::Storage::Cuda(out),
         Shape::from((1, cols)),
