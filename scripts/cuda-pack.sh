@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA test and benchmark binaries of bitnet-kernels (feature `cuda`, release) on a
-# machine without a GPU, then strips and gzips them into .gpu/ for a GPU machine (docs/CUDA.md).
+# Builds the CUDA binaries (feature `cuda`, release: the kernel tests and bench, the parity tests,
+# the CLI) on a machine without a GPU, then strips and gzips them into .gpu/ (docs/CUDA.md).
 #
 #   scripts/cuda-pack.sh            # prints the command to run on the GPU machine
 #
@@ -19,29 +19,42 @@ if ! command -v nvcc >/dev/null; then
 fi
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} # candle-kernels' target; our PTX is sm_80 (build.rs)
 
-# One cargo invocation builds both; --message-format=json names the produced executables.
-cargo build --release --features cuda -p bitnet-kernels --test cuda --bench cuda \
+# One cargo invocation builds all of them (the same package set every time: another set
+# resolves other features and rebuilds candle-kernels, ~15 min); --message-format=json names
+# the produced executables.
+cargo build --release --features cuda -p bitnet-cli -p bitnet-kernels -p bitnet-tests \
+  --bin bitnet --test cuda --test parity --bench cuda \
   --message-format=json-render-diagnostics >"$CARGO_TARGET_DIR/cuda-pack.json"
-mapfile -t exes < <(jq -r 'select(.reason == "compiler-artifact" and .executable != null)
-  | select(.target.name == "cuda") | .executable' "$CARGO_TARGET_DIR/cuda-pack.json")
-[ "${#exes[@]}" -eq 2 ] || { echo "expected 2 executables, got: ${exes[*]}" >&2; exit 1; }
+mapfile -t rows < <(jq -r 'select(.reason == "compiler-artifact" and .executable != null)
+  | "\(.target.kind[0]) \(.target.name) \(.executable)"' "$CARGO_TARGET_DIR/cuda-pack.json")
 
 mkdir -p .gpu
 grep -qsx '/.gpu/' .gitignore .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
-rm -f .gpu/bitnet-cuda-*
-for exe in "${exes[@]}"; do
-  case "$(jq -r --arg e "$exe" 'select(.executable == $e) | .target.kind[0]' "$CARGO_TARGET_DIR/cuda-pack.json" | head -1)" in
-    test) name=bitnet-cuda-tests ;;
-    bench) name=bitnet-cuda-bench ;;
-    *) echo "unexpected artifact $exe" >&2; exit 1 ;;
+rm -f .gpu/bitnet .gpu/bitnet.gz .gpu/bitnet-cuda-*
+packed=0
+for row in "${rows[@]}"; do
+  read -r kind target exe <<<"$row"
+  case "$kind $target" in
+    "test cuda") name=bitnet-cuda-tests ;;
+    "test parity") name=bitnet-cuda-parity ;;
+    "bench cuda") name=bitnet-cuda-bench ;;
+    "bin bitnet") name=bitnet ;;
+    *) continue ;;
   esac
   strip -o ".gpu/$name" "$exe"
   gzip -9f ".gpu/$name"
+  packed=$((packed + 1))
 done
+[ "$packed" -eq 4 ] || { echo "expected 4 executables, packed $packed: ${rows[*]}" >&2; exit 1; }
 ls -l .gpu/
 cat <<'RUN'
 
-Run on the GPU machine (device tool: carry [".gpu"], timeout_s 400; ~35 s on an H200):
+Run on the GPU machine (device tool: carry [".gpu"], timeout_s 400; ~90 s on an H200). The
+parity binary reads tests/fixtures from the working directory (the repository root there):
 
-gunzip -f .gpu/*.gz && chmod +x .gpu/bitnet-cuda-* && export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib PATH=/usr/local/cuda-13.0/bin:$PATH && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee $OUT/gpu.txt; T=./.gpu/bitnet-cuda-tests; for t in quantization_matches_cpu bitlinear_kernels_match_cpu_bit_exact bitlinear_handles_offsets_batches_and_reuse bf16_head_matches_cpu greedy_next_and_embed_row_match_the_host sanitizer_smoke; do timeout 100 $T $t --exact --nocapture 2>&1 | tail -45 | tee -a $OUT/tests.log; done; timeout 150 ./.gpu/bitnet-cuda-bench 2>&1 | tee $OUT/bench.md; timeout 45 compute-sanitizer --tool memcheck $T sanitizer_smoke --exact 2>&1 | tail -12 | tee $OUT/memcheck.log; timeout 45 compute-sanitizer --tool racecheck $T sanitizer_smoke --exact 2>&1 | tail -8 | tee $OUT/racecheck.log; grep -h "test result\|FAIL\|panicked" $OUT/tests.log
+gunzip -f .gpu/*.gz && chmod +x .gpu/bitnet* && export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib PATH=/usr/local/cuda-13.0/bin:$PATH && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee $OUT/gpu.txt; T=./.gpu/bitnet-cuda-tests; timeout 200 $T --test-threads 1 2>&1 | tee $OUT/tests.log | tail -25; timeout 100 ./.gpu/bitnet-cuda-parity cuda_ --test-threads 1 2>&1 | tee -a $OUT/tests.log | tail -8; timeout 150 ./.gpu/bitnet-cuda-bench 2>&1 | tee $OUT/bench.md; timeout 45 compute-sanitizer --tool memcheck $T sanitizer_smoke --exact 2>&1 | tail -12 | tee $OUT/memcheck.log; timeout 45 compute-sanitizer --tool racecheck $T sanitizer_smoke --exact 2>&1 | tail -8 | tee $OUT/racecheck.log; grep -h "test result\|FAIL\|panicked" $OUT/tests.log
+
+The whole-model checks and timings against transformers: also build the CPU xtask
+(`cargo build --release -p xtask`; strip and gzip it into .gpu/xtask.gz), then run
+`python3 scripts/gpu_e2e.py .gpu/bitnet .gpu/xtask` there (timeout_s 600; ~340 s).
 RUN

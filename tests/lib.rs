@@ -9,11 +9,16 @@ use serde_json::Value;
 /// The fixture checkpoints, each in its own directory.
 pub const FIXTURES: [&str; 4] = ["bitnet-packed", "bitnet-bf16", "llama-packed", "llama-bf16"];
 
-/// Directory of fixture `name`.
+/// Directory of fixture `name`: under this crate's source directory, or, for a test binary
+/// carried to another machine (docs/CUDA.md), under `tests/fixtures` of the working directory.
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let root = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    };
+    root.join(name)
 }
 
 /// A fixture's `reference.json`: transformers' outputs on its weights.

@@ -1,5 +1,7 @@
 //! The model against HF transformers on the same weights (the fixtures), through the public API:
-//! per-token NLL, full logit vectors, greedy decoding with the KV cache, and chat prompts.
+//! per-token NLL, full logit vectors, greedy decoding with the KV cache, and chat prompts. With
+//! the `cuda` feature the same checks run on GPU 0 too (`cuda_*` tests, on a GPU machine:
+//! docs/CUDA.md), along with decoding on the device against the host sampler.
 //!
 //! Tolerances (issue "numerically matching transformers"): f32 mean NLL within 2e-3, every
 //! per-token NLL within 2e-2, greedy ids identical until the first step where the reference's
@@ -33,19 +35,19 @@ const BF16: Tolerance = Tolerance {
     margin: 0.5,
 };
 
-fn check_fixture(name: &str, dtype: DType) {
-    check_dir(name, &fixture_dir(name), dtype);
+fn check_fixture(name: &str, dtype: DType, device: &Device) {
+    check_dir(name, &fixture_dir(name), dtype, device);
 }
 
-/// Checks the checkpoint in `dir` against fixture `name`'s reference outputs.
-fn check_dir(name: &str, dir: &Path, dtype: DType) {
+/// Checks the checkpoint in `dir`, run in `dtype` on `device`, against fixture `name`'s
+/// reference outputs.
+fn check_dir(name: &str, dir: &Path, dtype: DType, device: &Device) {
     let (key, tol) = match dtype {
         DType::F32 => ("f32", F32),
         _ => ("bf16", BF16),
     };
     let reference = Reference::load(name).unwrap();
-    let mut model =
-        ForCausalLM::load(dir, dtype, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut model = ForCausalLM::load(dir, dtype, device).unwrap_or_else(|e| panic!("{name}: {e}"));
 
     // Teacher-forced NLL and logits from one forward over the evaluation text.
     let ids = reference.ids("/input_ids");
@@ -134,7 +136,7 @@ fn check_dir(name: &str, dir: &Path, dtype: DType) {
 #[test]
 fn f32_matches_transformers() {
     for name in FIXTURES {
-        check_fixture(name, DType::F32);
+        check_fixture(name, DType::F32, &Device::Cpu);
     }
 }
 
@@ -161,13 +163,13 @@ fn transformers5_config_layout_matches_transformers() {
         serde_json::json!({"rope_theta": theta, "rope_type": "default"}),
     );
     std::fs::write(&config_path, serde_json::to_string(config).unwrap()).unwrap();
-    check_dir(name, tmp.path(), DType::F32);
+    check_dir(name, tmp.path(), DType::F32, &Device::Cpu);
 }
 
 #[test]
 fn bf16_matches_transformers() {
     for name in FIXTURES {
-        check_fixture(name, DType::BF16);
+        check_fixture(name, DType::BF16, &Device::Cpu);
     }
 }
 
@@ -204,5 +206,89 @@ fn chat_template_matches_transformers() {
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
         assert_eq!(ids, want, "chat ids for {:?}", case["messages"]);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use bitnet_model::generation::{self, Sampler, SamplingParams};
+
+    use super::*;
+
+    fn gpu() -> Device {
+        Device::new_cuda(0).expect("the cuda_* tests need a CUDA GPU")
+    }
+
+    #[test]
+    fn cuda_f32_matches_transformers() {
+        for name in FIXTURES {
+            check_fixture(name, DType::F32, &gpu());
+        }
+    }
+
+    #[test]
+    fn cuda_bf16_matches_transformers() {
+        for name in FIXTURES {
+            check_fixture(name, DType::BF16, &gpu());
+        }
+    }
+
+    /// `generation::decode` with the pick on the GPU (argmax or draw, after a repetition
+    /// penalty) gives the host sampler's tokens from the same model's logits: exactly for the
+    /// argmax, and for a top-k 1 draw (the argmax through the draw's histograms).
+    #[test]
+    fn cuda_device_picks_equal_the_host_sampler() {
+        let dev = gpu();
+        let cases = [
+            (0.0, None, 1.0, 64),
+            (0.0, None, 1.3, 4),
+            (0.0, None, 0.8, 64),
+            (1.0, Some(1), 1.0, 64),
+            (0.7, Some(1), 1.5, 8),
+        ];
+        for name in FIXTURES {
+            let reference = Reference::load(name).unwrap();
+            let prompt = reference.ids("/greedy_prompt_ids");
+            for dtype in [DType::F32, DType::BF16] {
+                let mut model = ForCausalLM::load(&fixture_dir(name), dtype, &dev).unwrap();
+                for (temperature, top_k, penalty, last_n) in cases {
+                    let params = SamplingParams {
+                        temperature,
+                        top_k,
+                        repeat_penalty: penalty,
+                        repeat_last_n: last_n,
+                        ..SamplingParams::default()
+                    };
+                    let mut tokens = [Vec::new(), Vec::new()];
+                    for (on_device, out) in [true, false].into_iter().zip(&mut tokens) {
+                        model.set_device_sampling(on_device);
+                        model.clear_cache();
+                        let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap();
+                        let logits = model.forward(&input, 0).unwrap().i(0).unwrap();
+                        let mut sampler = Sampler::new(params.clone()).unwrap();
+                        let mut history = prompt.clone();
+                        let first = sampler
+                            .sample(&logits.to_vec1::<f32>().unwrap(), &history)
+                            .unwrap();
+                        history.push(first);
+                        out.push(first);
+                        let offset = prompt.len();
+                        generation::decode(&mut model, &mut sampler, &history, offset, 24, |t| {
+                            out.push(t);
+                            Ok(true)
+                        })
+                        .unwrap();
+                    }
+                    assert_eq!(
+                        tokens[0], tokens[1],
+                        "{name} {dtype:?}: T {temperature}, top-k {top_k:?}, penalty {penalty} \
+                         over {last_n}: device picks vs the host sampler"
+                    );
+                }
+            }
+        }
     }
 }
