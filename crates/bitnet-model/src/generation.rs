@@ -101,11 +101,6 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
-    /// True when every pick is the plain argmax (temperature 0, no repetition penalty).
-    pub fn is_greedy(&self) -> bool {
-        self.params.temperature == 0.0 && self.params.repeat_penalty == 1.0
-    }
-
     /// These parameters for decoding on the GPU: the draw at a temperature above 0 (else the
     /// argmax), after the repetition penalty unless it is 1.
     #[cfg(feature = "cuda")]

@@ -172,29 +172,43 @@ impl Embedding {
         &self.device
     }
 
-    /// True when [`Embedding::forward_on_device`] works: a BF16 table (whose op holds the
-    /// device copy it shares with the head), or a quantized tied head's BF16 exact rows, on a
-    /// CUDA model. Other exact rows and F32 tables are read on the host.
+    /// Where rows are looked up on the GPU: a BF16 table (whose op holds the device copy it
+    /// shares with the head), or a quantized tied head's BF16 exact rows, on a CUDA model.
+    /// Other exact rows and F32 tables are read on the host.
+    #[cfg(feature = "cuda")]
+    fn device_rows(&self) -> Option<DeviceRows<'_>> {
+        match (&self.table, &self.exact) {
+            (Table::Bf16(op), None) if self.device.is_cuda() => Some(DeviceRows::Table(op)),
+            (_, Some(_)) => self.exact_on_device.as_ref().map(DeviceRows::Exact),
+            _ => None,
+        }
+    }
+
+    /// True when [`Embedding::forward_on_device`] works.
     #[cfg(feature = "cuda")]
     pub(crate) fn looks_up_on_device(&self) -> bool {
-        match (&self.table, &self.exact) {
-            (Table::Bf16(_), None) => self.device.is_cuda(),
-            (_, Some(_)) => self.exact_on_device.is_some(),
-            _ => false,
-        }
+        self.device_rows().is_some()
     }
 
     /// Row `state[0]` as `[1, cols]` in the model dtype, looked up on the GPU that holds the
     /// `[token, position]` state (see `bitnet_kernels::cuda::greedy`).
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_on_device(&self, state: &Tensor) -> candle_core::Result<Tensor> {
-        use bitnet_kernels::cuda::greedy::embed_row_of;
-        match (&self.table, &self.exact, &self.exact_on_device) {
-            (_, Some(_), Some(rows)) => embed_row_of(rows, state, self.dtype),
-            (Table::Bf16(op), None, _) if self.device.is_cuda() => op.embed_row(state, self.dtype),
-            _ => candle_core::bail!("this embedding table is read on the host"),
+        match self.device_rows() {
+            Some(DeviceRows::Table(op)) => op.embed_row(state, self.dtype),
+            Some(DeviceRows::Exact(rows)) => {
+                bitnet_kernels::cuda::greedy::embed_row_of(rows, state, self.dtype)
+            }
+            None => candle_core::bail!("this embedding table is read on the host"),
         }
     }
+}
+
+/// The device copy an [`Embedding`] looks rows up in.
+#[cfg(feature = "cuda")]
+enum DeviceRows<'a> {
+    Table(&'a Bf16LinearOp),
+    Exact(&'a Tensor),
 }
 
 /// The LM head `x · Wᵀ` over a `[vocab, hidden]` [`Table`], always producing f32 logits.
