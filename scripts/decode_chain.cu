@@ -6,7 +6,9 @@
 // It replays, as one CUDA graph, the four fused one-token GEMVs of each of 30 layers at the
 // 2B-4T shapes (q/k/v, o, gate/up, down; bf16, each forming, normalizing and quantizing its own
 // input as the model's decode step does; attention is left out) and prints the median time per
-// layer of the shipped kernel against variants built from the same device functions:
+// layer of the shipped kernel (1024 threads, the warps per group that src/cuda/mod.rs,
+// split_warps, mirrored below, picks) against variants built from the same device functions:
+//   - 256 threads and one warp per group (the kernel's shape before split-K);
 //   - empty kernels with the same grids: the launch floor inside a graph;
 //   - the prologue only (form, norm, quantize; weights still prefetched) and the GEMV only;
 //   - the prologue cut short after its loads, after the sum of squares, and after the norm and
@@ -16,10 +18,10 @@
 //   - programmatic dependent launch (sm_90): each kernel prefetches its weights, then waits
 //     for its predecessor (griddepcontrol), and lets its successor start once it has quantized;
 //   - the shipped kernel with every layer reading layer 0's norm weights, or all of layer 0's
-//     weights (then L2-resident), and with its weight loads hinted L2::evict_first: what the
-//     L2 misses of the small per-layer reads cost.
-// Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM); the
-// checksums show that the shipped kernel and the PDL variant compute the same outputs.
+//     weights (then L2-resident): what the L2 misses of the small per-layer reads cost.
+// Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM). The shipped
+// kernel and the PDL variant compute the same outputs (equal checksums); the 256-thread one sums
+// the norm's squares in another order, so its checksum may differ.
 
 #include "../crates/bitnet-kernels/kernels/bitnet.cu"
 
@@ -43,11 +45,12 @@
 typedef __nv_bfloat16 bf;
 
 enum Variant {
-    SHIPPED, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY, ALLOC_NODES, PDL, HOT_NORMS,
-    HOT_ALL, EVICT_FIRST, VARIANTS
+    SHIPPED, PREV_256, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY,
+    ALLOC_NODES, PDL, HOT_NORMS, HOT_ALL, VARIANTS
 };
 static const char* kVariantName[] = {
     "shipped kernel",
+    "256 threads, 1 warp per group (before split-K)",
     "empty kernels, same grids",
     "prologue: row and norm-weight loads only",
     "prologue: loads, sum of squares",
@@ -58,67 +61,22 @@ static const char* kVariantName[] = {
     "PDL: prefetch, wait, quantize, trigger",
     "shipped, one set of norm weights for all layers",
     "shipped, one layer's weights for all layers (L2-resident)",
-    "shipped, weight loads hinted L2::evict_first",
 };
-
-// gemv_group with its weight loads hinted evict-first (EVICT_FIRST): the streamed weights then
-// leave L2 before the row, the residual and the norm weights do.
-__device__ __forceinline__ uint4 ldg_evict_first(const uint4* p, uint64_t policy) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p), "l"(policy));
-    return v;
-}
-
-__device__ void gemv_group_evict(const GemvMat<bf>& m0, const GemvMat<bf>& m1,
-                                 const GemvMat<bf>& m2, int group, const int8_t* q,
-                                 const float* scales, const int* sums, int nb) {
-    const int lane = threadIdx.x & 31;
-    GemvMat<bf> m;
-    group = pick_group(m0, m1, m2, group, m);
-    if (group < 0) return;
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
-    const int chunks = nb * 16, j0 = (lane & 3) * 16;
-    int acc = 0;
-#pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        const uint4 wv = ldg_evict_first(wg + c, policy);
-        const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
-        const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const int4 a = *reinterpret_cast<const int4*>(qb + 64 * k);
-            const int ar[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc = __dp4a((int)((wr[e] >> (2 * k)) & MASK2), ar[e], acc);
-        }
-    }
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 16);
-    if ((lane & 0x13) == 0) {
-        const int o = group * 4 + (lane >> 2);
-        if (o < m.out) store_out(m.y, o, epilogue(acc - sums[0], scales[0], m.scale, 0));
-    }
-}
 
 // The first stages of quantize_row (PRO_LOAD, PRO_RMS, PRO_MAX): each ends in a store that
 // depends on what it computed, so nothing is optimized away.
-template <int REGS, int V>
+template <int TH, int REGS, int S, int V>
 __device__ void partial_prologue(const RowInput<bf>& in, bf* so, const bf* w, float eps, int k,
                                  const GemvMat<bf>& m0, const GemvMat<bf>& m1,
-                                 const GemvMat<bf>& m2, int group, int nb) {
+                                 const GemvMat<bf>& m2, int group, int s, int nb) {
     __shared__ float red[32], red_max[32];
     float v[REGS], wv[REGS];
     load_row(in, k, v);
     load_row(plain(w), k, wv);
-    prefetch_group(m0, m1, m2, group, nb);
+    prefetch_group<S>(m0, m1, m2, group, s, nb);
     if (so != nullptr)
         for (int r = 0; r < REGS; ++r)
-            if (threadIdx.x + r * 256 < k) store_out(so, threadIdx.x + r * 256, v[r]);
+            if (threadIdx.x + r * TH < k) store_out(so, threadIdx.x + r * TH, v[r]);
     float probe = 0.0f;
     if (V == PRO_LOAD) {
         for (int r = 0; r < REGS; ++r) probe += v[r] * wv[r];
@@ -128,7 +86,7 @@ __device__ void partial_prologue(const RowInput<bf>& in, bf* so, const bf* w, fl
         if (V == PRO_MAX) {
             float m = 0.0f;
             for (int r = 0; r < REGS; ++r)
-                if (threadIdx.x + r * 256 < k)
+                if (threadIdx.x + r * TH < k)
                     m = fmaxf(m, fabsf(round_to(normed<bf>(v[r], inv, wv[r]), bf())));
             probe = __fdiv_rn(127.0f, fmaxf(block_max(m, red_max), 1e-5f));
         }
@@ -136,34 +94,41 @@ __device__ void partial_prologue(const RowInput<bf>& in, bf* so, const bf* w, fl
     if (probe == 1234.5f) store_out(m0.y, threadIdx.x, probe);
 }
 
-// The experimental variants of gemv_fused (kernels/bitnet.cu), from its own parts.
-template <int REGS, int V>
-__global__ void __launch_bounds__(256)
+// The variants of gemv_fused (kernels/bitnet.cu), from its own parts; PREV_256 is gemv_fused
+// itself at 256 threads.
+template <int TH, int REGS, int S, int V>
+__global__ void __launch_bounds__(TH)
     variant(GemvMat<bf> m0, GemvMat<bf> m1, GemvMat<bf> m2, const bf* x, const bf* r, int mode,
             bf* sum_out, const bf* w, float eps, int k, int nb) {
     extern __shared__ __align__(16) int8_t q[];
     __shared__ float scale;
     __shared__ int qsum;
-    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    __shared__ int part[TH / 32][4][1];
+    const int warp = threadIdx.x >> 5;
+    const int group = blockIdx.x * (TH / 32 / S) + warp / S, s = warp % S;
     bf* so = blockIdx.x == 0 ? sum_out : nullptr;
     const RowInput<bf> in{x, r, mode};
+    if (V == PREV_256) {
+        gemv_fused<REGS, S, bf>(m0, m1, m2, x, r, mode, sum_out, w, 1, eps, k, nb, 0);
+        return;
+    }
     if (V == EMPTY) {
         if (blockIdx.x == 0 && threadIdx.x == 0) m0.y[0] = x[0];
         return;
     }
     if (V == PRO_LOAD || V == PRO_RMS || V == PRO_MAX) {
-        partial_prologue<REGS, V>(in, so, w, eps, k, m0, m1, m2, group, nb);
+        partial_prologue<TH, REGS, S, V>(in, so, w, eps, k, m0, m1, m2, group, s, nb);
         return;
     }
     if (V == GEMV_ONLY) {
         for (int i = threadIdx.x; i < nb * 256; i += blockDim.x) q[i] = (int8_t)(i & 7);
         if (threadIdx.x == 0) scale = 1.0f, qsum = 0;
     } else if (V == PDL) {
-        prefetch_group(m0, m1, m2, group, nb);
+        prefetch_group<S>(m0, m1, m2, group, s, nb);
         asm volatile("griddepcontrol.wait;" ::: "memory");
         quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256);
     } else {
-        auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
+        auto prefetch = [&]() { prefetch_group<S>(m0, m1, m2, group, s, nb); };
         quantize_row<REGS>(in, so, w, 1, eps, q, &scale, &qsum, k, nb * 256, prefetch);
     }
     __syncthreads();
@@ -172,10 +137,7 @@ __global__ void __launch_bounds__(256)
         if (threadIdx.x == 0) store_out(m0.y, blockIdx.x % m0.out, q[blockIdx.x % k] * scale + qsum);
         return;
     }
-    if (V == EVICT_FIRST)
-        gemv_group_evict(m0, m1, m2, group, q, &scale, &qsum, nb);
-    else
-        gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, 0);
+    gemv_group<1, S>(m0, m1, m2, group, s, q, &scale, &qsum, nb, 0, part);
 }
 
 struct Mat {
@@ -211,53 +173,112 @@ struct Layer {
     bf *input_norm, *attn_sub_norm, *post_norm, *ffn_sub_norm;
 };
 
+static int sm_count() {
+    static int n = 0;
+    if (n == 0) CK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, 0));
+    return n;
+}
+
+// Warps per group at 1024 threads: split_warps of src/cuda/mod.rs.
+static int split_warps(int groups) {
+    int s = 1;
+    while (s < 8 && (groups * s * 2 + 31) / 32 <= sm_count()) s *= 2;
+    return s;
+}
+
+// Values per thread in registers (row_regs of src/cuda/mod.rs, uncapped).
+constexpr int regs_for(int k, int threads) { return ((k + threads - 1) / threads + 3) / 4 * 4; }
+
+// The variants are compiled for the shapes the 2B-4T matrices take on 114-132 SMs (H100 PCIe,
+// H100 SXM, H200) and for PREV_256; another shape runs the shipped kernel only.
+template <int V, int TH, int S>
+static bool launch_at(cudaLaunchConfig_t& cfg, const GemvMat<bf>& m0, const GemvMat<bf>& m1,
+                      const GemvMat<bf>& m2, const bf* x, const bf* r, int mode, bf* so,
+                      const bf* w, float eps, int k, int nb) {
+    if (k == 2560)
+        CK(cudaLaunchKernelEx(&cfg, variant<TH, regs_for(2560, TH), S, V>, m0, m1, m2, x, r, mode,
+                              so, w, eps, k, nb));
+    else
+        CK(cudaLaunchKernelEx(&cfg, variant<TH, regs_for(6912, TH), S, V>, m0, m1, m2, x, r, mode,
+                              so, w, eps, k, nb));
+    return true;
+}
+
+template <int V>
+static bool launch_variant(int threads, int s, cudaLaunchConfig_t& cfg, const GemvMat<bf>& m0,
+                           const GemvMat<bf>& m1, const GemvMat<bf>& m2, const bf* x, const bf* r,
+                           int mode, bf* so, const bf* w, float eps, int k, int nb) {
+#define AT(TH, S)                   \
+    if (threads == TH && s == S) \
+        return launch_at<V, TH, S>(cfg, m0, m1, m2, x, r, mode, so, w, eps, k, nb);
+    AT(256, 1) AT(1024, 1) AT(1024, 2) AT(1024, 4)
+#undef AT
+    return false;
+}
+
+// The shipped kernel of kernels/bitnet.cu for the shape, by its name's parts.
+typedef void (*Fused)(const uint8_t*, bf*, int, float, const uint8_t*, bf*, int, float,
+                      const uint8_t*, bf*, int, float, const bf*, const bf*, int, bf*, const bf*,
+                      int, float, int, int, int);
+#define FUSED_S(R) \
+    {bitnet_gemv_fused##R##s1_bf16, bitnet_gemv_fused##R##s2_bf16, bitnet_gemv_fused##R##s4_bf16, bitnet_gemv_fused##R##s8_bf16}
+static const Fused kFused[3][4] = {FUSED_S(4), FUSED_S(8), FUSED_S(12)};
+
+static Fused shipped(int k, int s) {
+    const int regs = std::min(regs_for(k, 1024), 12);
+    const int log_s = s == 1 ? 0 : s == 2 ? 1 : s == 4 ? 2 : 3;
+    return kFused[regs / 4 - 1][log_s];
+}
+
+// Launches of variant v that could not run at their shape (reported, then the variant skipped).
+static int g_unsupported = 0;
+
 // One fused GEMV launch of variant v over up to three matrices sharing the input.
-template <int REGS>
 static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, bf* yc,
                    const bf* x, const bf* r, int mode, bf* so, const bf* w, int k) {
     const int nb = (k + 255) / 256;
     const int groups = (a.out + 3) / 4 + (b.out + 3) / 4 + (c.out + 3) / 4;
+    int threads = 1024, s = split_warps(groups);
+    if (v == PREV_256) threads = 256, s = 1;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((groups + 7) / 8);
-    cfg.blockDim = dim3(256);
+    const int per_block = threads / 32 / s;
+    cfg.gridDim = dim3((groups + per_block - 1) / per_block);
+    cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = nb * 256;
     cfg.stream = st;
     cfg.attrs = attr;
     cfg.numAttrs = v == PDL ? 1 : 0;
     const GemvMat<bf> m0{a.w, ya, a.out, 0.7f}, m1{b.w, yb, b.out, 0.9f}, m2{c.w, yc, c.out, 1.1f};
     const float eps = 1e-5f;
+    bool ok = true;
     switch (v) {
         case SHIPPED:
         case ALLOC_NODES:
         case HOT_NORMS:
         case HOT_ALL:
-            if (REGS == 12)
-                CK(cudaLaunchKernelEx(&cfg, bitnet_gemv_fused12_bf16, a.w, ya, a.out, 0.7f, b.w,
-                                      yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
-                                      eps, k, nb, 0));
-            else
-                CK(cudaLaunchKernelEx(&cfg, bitnet_gemv_fused28_bf16, a.w, ya, a.out, 0.7f, b.w,
-                                      yb, b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1,
-                                      eps, k, nb, 0));
+            CK(cudaLaunchKernelEx(&cfg, shipped(k, s), a.w, ya, a.out, 0.7f, b.w, yb,
+                                  b.out, 0.9f, c.w, yc, c.out, 1.1f, x, r, mode, so, w, 1, eps, k,
+                                  nb, 0));
             break;
-        // The experimental variants differ only in their template argument.
+        // The other variants differ only in their template argument.
 #define VARIANT(V)                                                                                 \
     case V:                                                                                        \
-        CK(cudaLaunchKernelEx(&cfg, variant<REGS, V>, m0, m1, m2, x, r, mode, so, w, eps, k, nb)); \
+        ok = launch_variant<V>(threads, s, cfg, m0, m1, m2, x, r, mode, so, w, eps, k, nb);        \
         break;
+        VARIANT(PREV_256)
         VARIANT(EMPTY)
         VARIANT(PROLOGUE)
         VARIANT(GEMV_ONLY)
         VARIANT(PRO_LOAD)
         VARIANT(PRO_RMS)
         VARIANT(PRO_MAX)
-        VARIANT(EVICT_FIRST)
         VARIANT(PDL)
 #undef VARIANT
     }
+    if (!ok) ++g_unsupported;
 }
 
 int main() {
@@ -300,22 +321,22 @@ int main() {
             // The residual stream alternates between h0 and h1, as the model's does.
             if (kernel < 0 || kernel == 0) {
                 fresh(b.q, hidden), fresh(b.k, kv), fresh(b.v, kv), fresh(b.h1, hidden);
-                launch<12>(v, st, l.q, b.q, l.k, b.k, l.v, b.v, b.h0, b.mlp, INPUT_ADD, b.h1,
+                launch(v, st, l.q, b.q, l.k, b.k, l.v, b.v, b.h0, b.mlp, INPUT_ADD, b.h1,
                            l.input_norm, hidden);
             }
             if (kernel < 0 || kernel == 1) {
                 fresh(b.o, hidden);
-                launch<12>(v, st, l.o, b.o, none, nullptr, none, nullptr, b.q, b.q, INPUT_PLAIN,
+                launch(v, st, l.o, b.o, none, nullptr, none, nullptr, b.q, b.q, INPUT_PLAIN,
                            nullptr, l.attn_sub_norm, hidden);
             }
             if (kernel < 0 || kernel == 2) {
                 fresh(b.gate, ffn), fresh(b.up, ffn), fresh(b.h0, hidden);
-                launch<12>(v, st, l.gate, b.gate, l.up, b.up, none, nullptr, b.h1, b.o,
+                launch(v, st, l.gate, b.gate, l.up, b.up, none, nullptr, b.h1, b.o,
                            INPUT_ADD, b.h0, l.post_norm, hidden);
             }
             if (kernel < 0 || kernel == 3) {
                 fresh(b.mlp, hidden);
-                launch<28>(v, st, l.down, b.mlp, none, nullptr, none, nullptr, b.gate, b.up,
+                launch(v, st, l.down, b.mlp, none, nullptr, none, nullptr, b.gate, b.up,
                            INPUT_RELU2_MUL, nullptr, l.ffn_sub_norm, ffn);
             }
         }
@@ -329,9 +350,15 @@ int main() {
             if ((v == ALLOC_NODES || v == HOT_NORMS || v == HOT_ALL) && kernel >= 0) continue;
             cudaGraph_t g;
             cudaGraphExec_t exec;
+            g_unsupported = 0;
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
             record(v, kernel);
             CK(cudaStreamEndCapture(st, &g));
+            if (g_unsupported > 0) {
+                printf("| %s | not compiled for this GPU's shapes | | | |\n", kVariantName[v]);
+                CK(cudaGraphDestroy(g));
+                continue;
+            }
             CK(cudaGraphInstantiate(&exec, g, cudaGraphInstantiateFlagAutoFreeOnLaunch));
             for (int i = 0; i < 5; ++i) CK(cudaGraphLaunch(exec, st));
             cudaEvent_t e0, e1;

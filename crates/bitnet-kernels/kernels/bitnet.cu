@@ -50,8 +50,11 @@ __device__ __forceinline__ float epilogue(int acc, float s, float scale, int div
 // values in registers between passes, so a row is read from memory once and a pass's loads are all
 // in flight together (a decode step has a single row: these kernels are latency-bound). Thread t
 // sums the squares of elements t, t + blockDim.x, ... whatever REGS is, and every row kernel runs
-// 256 threads (ROW_THREADS in src/cuda/mod.rs), so all of them round the norm identically.
+// ROW_THREADS threads (the same constant in src/cuda/mod.rs), so all of them round the norm
+// identically. 1024: a decode row is then 3-7 values per thread, and the fused GEMV's blocks
+// have 32 warps to overlap its latency chain with (see gemv_fused).
 // ---------------------------------------------------------------------------------------------
+#define ROW_THREADS 1024
 #define ROW_REGS 8
 
 // Max over the block of m >= 0 (never NaN). Non-negative floats order as their bit patterns, so
@@ -226,7 +229,7 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
 }
 
 #define QUANT(REGS, NAME, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) bitnet_quant##REGS##_##NAME(                \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS) bitnet_quant##REGS##_##NAME(        \
         const T* x, const T* r, int mode, T* sum_out, const T* w, int norm, float eps, int8_t* q, \
         float* s, int* sums, int k, int k_pad) {                                                  \
         quantize_rows<REGS>(x, r, mode, sum_out, w, norm, eps, q, s, sums, k, k_pad);             \
@@ -235,11 +238,6 @@ __device__ void quantize_rows(const T* __restrict__ x, const T* __restrict__ rin
 QUANT_ALL(4)
 QUANT_ALL(8)
 QUANT_ALL(12)
-QUANT_ALL(16)
-QUANT_ALL(20)
-QUANT_ALL(24)
-QUANT_ALL(28)
-QUANT_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (b) GEMV for NT <= 8 tokens: one warp per group of 4 rows. The group's nb*256 bytes are read as
@@ -276,39 +274,44 @@ __device__ __forceinline__ int pick_group(const GemvMat<OutT>& m0, const GemvMat
     return group;
 }
 
-// One warp: group `group` (numbered across m0, m1, m2) against NT tokens of activations q.
-template <int NT, typename OutT>
+// One warp: its share of group `group` (numbered across m0, m1, m2) against NT tokens of
+// activations q. With S > 1, S consecutive warps of the block share the group (split-K): warp s
+// of them takes chunks lane + 32 (s + S j). 32 S is a multiple of 16, so a lane still meets one
+// row and byte offset; the S warps' sums meet in `part` (i32: exact in any order) and warp 0 of
+// them stores. Every warp of the block must call it then (it holds a barrier).
+template <int NT, int S, typename OutT>
 __device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMat<OutT>& m1,
-                                           const GemvMat<OutT>& m2, int group,
+                                           const GemvMat<OutT>& m2, int group, int s,
                                            const int8_t* __restrict__ q,
                                            const float* __restrict__ scales,
-                                           const int* __restrict__ sums, int nb, int divide) {
-    const int lane = threadIdx.x & 31;
+                                           const int* __restrict__ sums, int nb, int divide,
+                                           int (*part)[4][NT]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     GemvMat<OutT> m;
     group = pick_group(m0, m1, m2, group, m);
-    if (group < 0) return;
     const size_t k_pad = (size_t)nb * 256;
-    const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
-    const int chunks = nb * 16;
-    const int j0 = (lane & 3) * 16;
     int acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; ++t) acc[t] = 0;
-
+    if (group >= 0) {
+        const uint4* wg = reinterpret_cast<const uint4*>(m.w + (size_t)group * nb * 256);
+        const int chunks = nb * 16;
+        const int j0 = (lane & 3) * 16;
 #pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        const uint4 wv = __ldg(wg + c);
-        const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
-        const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
+        for (int c = lane + 32 * s; c < chunks; c += 32 * S) {
+            const uint4 wv = __ldg(wg + c);
+            const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
+            const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
+            for (int t = 0; t < NT; ++t) {
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int4 a = *reinterpret_cast<const int4*>(qb + t * k_pad + 64 * k);
-                const int ar[4] = {a.x, a.y, a.z, a.w};
+                for (int k = 0; k < 4; ++k) {
+                    const int4 a = *reinterpret_cast<const int4*>(qb + t * k_pad + 64 * k);
+                    const int ar[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    acc[t] = __dp4a((int)((wr[e] >> (2 * k)) & MASK2), ar[e], acc[t]);
+                    for (int e = 0; e < 4; ++e)
+                        acc[t] = __dp4a((int)((wr[e] >> (2 * k)) & MASK2), ar[e], acc[t]);
+                }
             }
         }
     }
@@ -318,7 +321,19 @@ __device__ __forceinline__ void gemv_group(const GemvMat<OutT>& m0, const GemvMa
         acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 2);
         acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], 16);
     }
-    if ((lane & 0x13) == 0) {
+    const bool writer = (lane & 0x13) == 0;
+    if (S > 1) {
+        if (writer)
+#pragma unroll
+            for (int t = 0; t < NT; ++t) part[warp][lane >> 2][t] = acc[t];
+        __syncthreads();
+        if (s != 0) return;
+        if (writer)
+            for (int j = 1; j < S; ++j)
+#pragma unroll
+                for (int t = 0; t < NT; ++t) acc[t] += part[warp + j][lane >> 2][t];
+    }
+    if (group >= 0 && writer) {
         const int o = group * 4 + (lane >> 2);
         if (o < m.out) {
 #pragma unroll
@@ -334,7 +349,7 @@ __device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m
                              const int8_t* __restrict__ q, const float* __restrict__ scales,
                              const int* __restrict__ sums, int nb, int divide) {
     const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
-    gemv_group<NT>(m0, m1, m2, group, q, scales, sums, nb, divide);
+    gemv_group<NT, 1>(m0, m1, m2, group, 0, q, scales, sums, nb, divide, nullptr);
 }
 
 #define GEMV(NT, NAME, OUTT)                                                                      \
@@ -351,27 +366,30 @@ __device__ void gemv_ternary(GemvMat<OutT> m0, GemvMat<OutT> m1, GemvMat<OutT> m
 GEMV_ALL(f32, float)
 GEMV_ALL(bf16, __nv_bfloat16)
 
-// Starts group `group`'s weights on their way from HBM to L2, one prefetch per 128-byte line.
-// The "memory" clobber keeps loads issued before this call ahead of the prefetches.
-template <typename T>
+// Starts warp s's share (of S, as in gemv_group) of group `group`'s weights on their way from
+// HBM to L2, one prefetch per 128-byte line. The "memory" clobber keeps loads issued before
+// this call ahead of the prefetches.
+template <int S, typename T>
 __device__ __forceinline__ void prefetch_group(const GemvMat<T>& m0, const GemvMat<T>& m1,
-                                               const GemvMat<T>& m2, int group, int nb) {
+                                               const GemvMat<T>& m2, int group, int s, int nb) {
     GemvMat<T> m;
     const int g = pick_group(m0, m1, m2, group, m);
     if (g < 0) return;
     const size_t bytes = (size_t)nb * 256;
     const uint8_t* wg = m.w + (size_t)g * bytes;
-    for (size_t o = (size_t)(threadIdx.x & 31) * 128; o < bytes; o += 32 * 128)
+    for (size_t o = (size_t)((threadIdx.x & 31) + 32 * s) * 128; o < bytes; o += 32 * S * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(wg + o) : "memory");
 }
 
 // (a) + (b) for one token in one launch (a decode step's BitLinears): every block forms,
 // normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
-// from L2, far cheaper than a launch and a round trip through memory), then each warp computes
-// one group. Block 0 stores the residual sum. REGS * blockDim.x >= k keeps the whole row in
-// registers; REGS comes in steps of 4 (unused registers would cost occupancy: 2560 inputs
-// with 16 left gate/up's 432 blocks two waves). Dynamic shared memory: nb * 256 bytes.
-template <int REGS, typename T>
+// from L2, far cheaper than a launch and a round trip through memory), then its 32 warps compute
+// 32 / S groups, S warps per group (split-K, see gemv_group). The host picks S so that the grid
+// stays within one block per SM (on an H100/H200: q/k/v, o, down S = 4; gate/up S = 1): each SM
+// runs the prologue's serial chain once, with 32 warps to overlap it, and short weight loops.
+// Block 0 stores the residual sum. REGS * ROW_THREADS >= k keeps the whole row in registers;
+// REGS comes in steps of 4. Dynamic shared memory: nb * 256 bytes.
+template <int REGS, int S, typename T>
 __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T* __restrict__ x,
                            const T* __restrict__ r, int mode, T* __restrict__ sum_out,
                            const T* __restrict__ w, int norm, float eps, int k, int nb,
@@ -379,36 +397,38 @@ __device__ void gemv_fused(GemvMat<T> m0, GemvMat<T> m1, GemvMat<T> m2, const T*
     extern __shared__ __align__(16) int8_t q[];
     __shared__ float scale;
     __shared__ int qsum;
-    const int group = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5);
+    __shared__ int part[ROW_THREADS / 32][4][1];
+    const int warp = threadIdx.x >> 5;
+    const int group = blockIdx.x * ((blockDim.x >> 5) / S) + warp / S, s = warp % S;
     // The weights do not depend on the row: once the row's own loads are issued (so that they
-    // do not queue behind the weights), start this warp's group towards L2 and quantize while
+    // do not queue behind the weights), start this warp's share towards L2 and quantize while
     // it travels.
-    auto prefetch = [&]() { prefetch_group(m0, m1, m2, group, nb); };
+    auto prefetch = [&]() { prefetch_group<S>(m0, m1, m2, group, s, nb); };
     const RowInput<T> in{x, r, mode};
     quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, norm, eps, q, &scale, &qsum,
                        k, nb * 256, prefetch);
     __syncthreads();
-    gemv_group<1>(m0, m1, m2, group, q, &scale, &qsum, nb, divide);
+    gemv_group<1, S>(m0, m1, m2, group, s, q, &scale, &qsum, nb, divide, part);
 }
 
-#define GEMV_FUSED(REGS, NAME, T)                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) bitnet_gemv_fused##REGS##_##NAME(           \
-        const uint8_t* w0, T* y0, int out0, float scale0, const uint8_t* w1, T* y1, int out1,     \
-        float scale1, const uint8_t* w2, T* y2, int out2, float scale2, const T* x, const T* r,   \
-        int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb, int divide) {       \
-        gemv_fused<REGS, T>({w0, y0, out0, scale0}, {w1, y1, out1, scale1},                       \
-                            {w2, y2, out2, scale2}, x, r, mode, sum_out, w, norm, eps, k, nb,     \
-                            divide);                                                              \
+#define GEMV_FUSED(REGS, S, NAME, T)                                                              \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS)                                     \
+        bitnet_gemv_fused##REGS##s##S##_##NAME(                                                   \
+            const uint8_t* w0, T* y0, int out0, float scale0, const uint8_t* w1, T* y1, int out1, \
+            float scale1, const uint8_t* w2, T* y2, int out2, float scale2, const T* x,           \
+            const T* r, int mode, T* sum_out, const T* w, int norm, float eps, int k, int nb,     \
+            int divide) {                                                                         \
+        gemv_fused<REGS, S, T>({w0, y0, out0, scale0}, {w1, y1, out1, scale1},                    \
+                               {w2, y2, out2, scale2}, x, r, mode, sum_out, w, norm, eps, k, nb,  \
+                               divide);                                                           \
     }
-#define GEMV_FUSED_ALL(REGS) GEMV_FUSED(REGS, f32, float) GEMV_FUSED(REGS, bf16, __nv_bfloat16)
+#define GEMV_FUSED_S(REGS, NAME, T)                                                               \
+    GEMV_FUSED(REGS, 1, NAME, T) GEMV_FUSED(REGS, 2, NAME, T) GEMV_FUSED(REGS, 4, NAME, T)        \
+    GEMV_FUSED(REGS, 8, NAME, T)
+#define GEMV_FUSED_ALL(REGS) GEMV_FUSED_S(REGS, f32, float) GEMV_FUSED_S(REGS, bf16, __nv_bfloat16)
 GEMV_FUSED_ALL(4)
 GEMV_FUSED_ALL(8)
 GEMV_FUSED_ALL(12)
-GEMV_FUSED_ALL(16)
-GEMV_FUSED_ALL(20)
-GEMV_FUSED_ALL(24)
-GEMV_FUSED_ALL(28)
-GEMV_FUSED_ALL(32)
 
 // ---------------------------------------------------------------------------------------------
 // (c) GEMM for many tokens. Block tile: 64 rows (16 groups) x 64 tokens, K step 256 (one weight
@@ -764,12 +784,13 @@ __device__ void rms_norm_rows(const T* __restrict__ x, const T* __restrict__ w, 
         store_out(yr, i, normed<T>(to_f32(xr[i]), inv, to_f32(w[i])));
 }
 
-extern "C" __global__ void bitnet_rms_norm_f32(const float* x, const float* w, float* y, int h,
-                                               float eps) {
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+    bitnet_rms_norm_f32(const float* x, const float* w, float* y, int h, float eps) {
     rms_norm_rows(x, w, y, h, eps);
 }
-extern "C" __global__ void bitnet_rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                __nv_bfloat16* y, int h, float eps) {
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+    bitnet_rms_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, int h,
+                         float eps) {
     rms_norm_rows(x, w, y, h, eps);
 }
 

@@ -708,23 +708,30 @@ fn relu2_mul_matches_cpu() {
 /// One fused launch (input: x, x + r or relu(x)²·r; then the norm; then quantization) shared by
 /// several BitLinears equals, bit for bit, the separate ops followed by each BitLinear; four
 /// weights take two multi-matrix GEMV launches; the residual sum equals candle's add. One token
-/// takes the GEMV with the quantizer inside (4, 12, 28 and 32 values per thread in registers;
-/// 9000 inputs also leave part of the row outside them), more tokens the quantization kernel.
+/// takes the GEMV with the quantizer inside (4, 8 and 12 values per thread in registers; 13000
+/// inputs also leave part of the row outside them; the 2B-4T q/k/v and gate/up shapes and one
+/// between them give 8, 4, 2 and 1 warps per group on an H100/H200), more tokens the
+/// quantization kernel.
 #[test]
 fn linears_shared_matches_separate_ops() {
     let dev = gpu();
     let mut rng = StdRng::seed_from_u64(21);
-    for &(inp, tokens) in &[
-        (96usize, 1usize),
-        (700, 1),
-        (2560, 1),
-        (6912, 1),
-        (9000, 1),
-        (2560, 37),
-        (6912, 3),
-        (300, 20),
+    let small: &[usize] = &[64, 20, 132, 8];
+    for &(inp, tokens, outs) in &[
+        (96usize, 1usize, small),
+        (700, 1, small),
+        (2560, 1, small),
+        (2560, 1, &[2560, 640, 640]),
+        (2560, 1, &[4000, 2800]),
+        (2560, 1, &[6912, 6912]),
+        (6912, 1, small),
+        (9000, 1, small),
+        (13000, 1, small),
+        (2560, 37, small),
+        (6912, 3, small),
+        (300, 20, small),
     ] {
-        let ops: Vec<BitLinearOp> = [64usize, 20, 132, 8]
+        let ops: Vec<BitLinearOp> = outs
             .iter()
             .map(|&out| {
                 let w = TernaryWeight::from_ternary(&random_ternary(&mut rng, out * inp), out, inp)

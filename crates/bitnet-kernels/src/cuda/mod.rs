@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, DeviceId, WrapErr};
 use candle_core::{
@@ -134,10 +134,10 @@ fn cfg(grid: (usize, usize), threads: usize) -> LaunchConfig {
     }
 }
 
-/// Threads of every kernel that reduces a row (quantization, RMSNorm, the fused GEMV): the f32
-/// sum of squares is summed per thread over the elements `t, t + ROW_THREADS, …`, so one
-/// thread count keeps all of them bit-identical to each other.
-const ROW_THREADS: usize = 256;
+/// Threads of every kernel that reduces a row (quantization, RMSNorm, the fused GEMV; the same
+/// constant in kernels/bitnet.cu): the f32 sum of squares is summed per thread over the elements
+/// `t, t + ROW_THREADS, …`, so one thread count keeps all of them bit-identical to each other.
+const ROW_THREADS: usize = 1024;
 
 fn i32_arg(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("bitnet cuda: {v} exceeds i32")))
@@ -629,12 +629,33 @@ enum Acts<'a, T> {
 
 /// Values per thread held in registers (`REGS` of `quantize_row` in kernels/bitnet.cu, for the
 /// quantizer and the fused GEMV) over `k` inputs: enough for the row, in steps of 4 (unused
-/// registers cost occupancy: 16 for 2560 inputs left gate/up's 432 blocks two waves), up to 32
-/// (8192 inputs; beyond, the rest is re-read). The fused GEMV's blocks are [`ROW_THREADS`]
-/// threads, 8 warps of one group of four rows each, so that even a 2560-row matrix spreads over
-/// 80 blocks.
+/// registers cost occupancy), up to 12 (12288 inputs; beyond, the rest is re-read: more would
+/// spill under the 64 registers a 1024-thread block leaves each thread).
 fn row_regs(k: usize) -> usize {
-    k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 32)
+    k.div_ceil(ROW_THREADS).next_multiple_of(4).clamp(4, 12)
+}
+
+/// Warps per group of 4 rows in the fused GEMV (`S` of `gemv_fused`, split-K): the largest power
+/// of two up to 8 that keeps the grid of [`ROW_THREADS`]-thread blocks within one block per SM,
+/// so each SM forms the row once and the blocks' 32 warps share the weights' latency. At the
+/// 2B-4T shapes on an H100/H200 that is 4 for q/k/v, o and down, 1 for gate/up.
+fn split_warps(groups: usize, sms: usize) -> usize {
+    let warps = ROW_THREADS / 32;
+    let mut s = 1;
+    while s < 8 && (groups * s * 2).div_ceil(warps) <= sms {
+        s *= 2;
+    }
+    s
+}
+
+/// The GPU's streaming multiprocessors.
+fn sm_count(dev: &CudaDevice) -> Result<usize> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(usize::try_from(n).unwrap_or(1).max(1))
 }
 
 fn products<T: DeviceRepr + CudaDType>(
@@ -702,16 +723,12 @@ fn products<T: DeviceRepr + CudaDType>(
         match kernel {
             Kernel::Gemv => {
                 let idx: Vec<usize> = (0..ops.len()).collect();
+                let sms = match fused {
+                    Some(_) => sm_count(dev)?,
+                    None => 0,
+                };
                 for t0 in (0..tokens).step_by(GEMV_MAX_TOKENS) {
                     let nt = GEMV_MAX_TOKENS.min(tokens - t0);
-                    let (name, grid_warps, threads, smem) = match &fused {
-                        None => (format!("bitnet_gemv{nt}_{suffix}"), 4, 128, 0),
-                        Some((_, _, k, _)) => {
-                            let name = format!("bitnet_gemv_fused{}_{suffix}", row_regs(*k));
-                            (name, ROW_THREADS / 32, ROW_THREADS, k_pad)
-                        }
-                    };
-                    let f = func(dev, &name)?;
                     for (ci, chunk) in idx.chunks(GEMV_MATRICES).enumerate() {
                         let rows: Vec<i32> = chunk
                             .iter()
@@ -730,6 +747,16 @@ fn products<T: DeviceRepr + CudaDType>(
                         if groups == 0 {
                             continue;
                         }
+                        // Groups per block, threads per block, dynamic shared memory.
+                        let (f, per_block, threads, smem) = match &fused {
+                            None => (func(dev, &format!("bitnet_gemv{nt}_{suffix}"))?, 4, 128, 0),
+                            Some((_, _, k, _)) => {
+                                let s = split_warps(groups, sms);
+                                let name =
+                                    format!("bitnet_gemv_fused{}s{s}_{suffix}", row_regs(*k));
+                                (func(dev, &name)?, ROW_THREADS / 32 / s, ROW_THREADS, k_pad)
+                            }
+                        };
                         let scales: Vec<f32> = chunk.iter().map(|&i| ops[i].scale().0).collect();
                         let acts = match quantized {
                             Some(a) => Some((a.q(t0), a.scales(t0)?, a.sums(t0)?)),
@@ -768,7 +795,7 @@ fn products<T: DeviceRepr + CudaDType>(
                             (None, None) => unreachable!("one of the two"),
                         }
                         b.arg(&nbi).arg(&divide);
-                        let mut config = cfg((groups.div_ceil(grid_warps), 1), threads);
+                        let mut config = cfg((groups.div_ceil(per_block), 1), threads);
                         config.shared_mem_bytes = smem as u32;
                         // SAFETY: argument types and sizes match the kernel's signature; a
                         // slot with 0 rows is never written; the fused kernel's shared memory
