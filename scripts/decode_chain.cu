@@ -8,7 +8,8 @@
 // input as the model's decode step does; attention is left out) and prints the median time per
 // layer of the shipped kernel (1024 threads, the warps per group that src/cuda/mod.rs,
 // split_warps, mirrored below, picks) against variants built from the same device functions:
-//   - 256 threads and one warp per group (the kernel's shape before split-K);
+//   - 256 threads and one warp per group (the kernel's shape before split-K), 256 threads
+//     with two warps per group, and 512 threads with as many warps per group as fit one wave;
 //   - empty kernels with the same grids: the launch floor inside a graph;
 //   - the prologue only (form, norm, quantize; weights still prefetched) and the GEMV only;
 //   - the prologue cut short after its loads, after the sum of squares, and after the norm and
@@ -45,12 +46,14 @@
 typedef __nv_bfloat16 bf;
 
 enum Variant {
-    SHIPPED, PREV_256, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY,
+    SHIPPED, PREV_256, SPLIT_256_S2, FILL_512, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY,
     ALLOC_NODES, PDL, HOT_NORMS, HOT_ALL, VARIANTS
 };
 static const char* kVariantName[] = {
     "shipped kernel",
     "256 threads, 1 warp per group (before split-K)",
+    "256 threads, 2 warps per group",
+    "512 threads, warps per group fill one wave",
     "empty kernels, same grids",
     "prologue: row and norm-weight loads only",
     "prologue: loads, sum of squares",
@@ -94,8 +97,8 @@ __device__ void partial_prologue(const RowInput<bf>& in, bf* so, const bf* w, fl
     if (probe == 1234.5f) store_out(m0.y, threadIdx.x, probe);
 }
 
-// The variants of gemv_fused (kernels/bitnet.cu), from its own parts; PREV_256 is gemv_fused
-// itself at 256 threads.
+// The variants of gemv_fused (kernels/bitnet.cu), from its own parts; PREV_256, SPLIT_256_S2
+// and FILL_512 are gemv_fused itself at other block shapes.
 template <int TH, int REGS, int S, int V>
 __global__ void __launch_bounds__(TH)
     variant(GemvMat<bf> m0, GemvMat<bf> m1, GemvMat<bf> m2, const bf* x, const bf* r, int mode,
@@ -108,7 +111,7 @@ __global__ void __launch_bounds__(TH)
     const int group = blockIdx.x * (TH / 32 / S) + warp / S, s = warp % S;
     bf* so = blockIdx.x == 0 ? sum_out : nullptr;
     const RowInput<bf> in{x, r, mode};
-    if (V == PREV_256) {
+    if (V == PREV_256 || V == SPLIT_256_S2 || V == FILL_512) {
         gemv_fused<REGS, S, bf>(m0, m1, m2, x, r, mode, sum_out, w, 1, eps, k, nb, 0);
         return;
     }
@@ -179,10 +182,11 @@ static int sm_count() {
     return n;
 }
 
-// Warps per group at 1024 threads: split_warps of src/cuda/mod.rs.
-static int split_warps(int groups) {
+// Warps per group for blocks of `threads`: split_warps of src/cuda/mod.rs (1024 threads there).
+static int split_warps(int groups, int threads) {
+    const int warps = threads / 32;
     int s = 1;
-    while (s < 8 && (groups * s * 2 + 31) / 32 <= sm_count()) s *= 2;
+    while (s < 8 && s * 2 <= warps && (groups * s * 2 + warps - 1) / warps <= sm_count()) s *= 2;
     return s;
 }
 
@@ -190,7 +194,8 @@ static int split_warps(int groups) {
 constexpr int regs_for(int k, int threads) { return ((k + threads - 1) / threads + 3) / 4 * 4; }
 
 // The variants are compiled for the shapes the 2B-4T matrices take on 114-132 SMs (H100 PCIe,
-// H100 SXM, H200) and for PREV_256; another shape runs the shipped kernel only.
+// H100 SXM, H200) and for the other block shapes above; another shape runs the shipped kernel
+// only.
 template <int V, int TH, int S>
 static bool launch_at(cudaLaunchConfig_t& cfg, const GemvMat<bf>& m0, const GemvMat<bf>& m1,
                       const GemvMat<bf>& m2, const bf* x, const bf* r, int mode, bf* so,
@@ -211,7 +216,7 @@ static bool launch_variant(int threads, int s, cudaLaunchConfig_t& cfg, const Ge
 #define AT(TH, S)                   \
     if (threads == TH && s == S) \
         return launch_at<V, TH, S>(cfg, m0, m1, m2, x, r, mode, so, w, eps, k, nb);
-    AT(256, 1) AT(1024, 1) AT(1024, 2) AT(1024, 4)
+    AT(256, 1) AT(256, 2) AT(512, 1) AT(512, 2) AT(1024, 1) AT(1024, 2) AT(1024, 4)
 #undef AT
     return false;
 }
@@ -238,8 +243,10 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
                    const bf* x, const bf* r, int mode, bf* so, const bf* w, int k) {
     const int nb = (k + 255) / 256;
     const int groups = (a.out + 3) / 4 + (b.out + 3) / 4 + (c.out + 3) / 4;
-    int threads = 1024, s = split_warps(groups);
+    int threads = 1024, s = split_warps(groups, 1024);
     if (v == PREV_256) threads = 256, s = 1;
+    if (v == SPLIT_256_S2) threads = 256, s = 2;
+    if (v == FILL_512) threads = 512, s = split_warps(groups, 512);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -269,6 +276,8 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
         ok = launch_variant<V>(threads, s, cfg, m0, m1, m2, x, r, mode, so, w, eps, k, nb);        \
         break;
         VARIANT(PREV_256)
+        VARIANT(SPLIT_256_S2)
+        VARIANT(FILL_512)
         VARIANT(EMPTY)
         VARIANT(PROLOGUE)
         VARIANT(GEMV_ONLY)

@@ -385,7 +385,7 @@ __device__ __forceinline__ void prefetch_group(const GemvMat<T>& m0, const GemvM
 // normalizes and quantizes the input row itself (quantize_row into shared memory: 3-14 KB read
 // from L2, far cheaper than a launch and a round trip through memory), then its 32 warps compute
 // 32 / S groups, S warps per group (split-K, see gemv_group). The host picks S so that the grid
-// stays within one block per SM (on an H100/H200: q/k/v, o, down S = 4; gate/up S = 1): each SM
+// stays within one block per SM (132 SMs: q/k/v, o, down S = 4; gate/up S = 1): each SM
 // runs the prologue's serial chain once, with 32 warps to overlap it, and short weight loops.
 // Block 0 stores the residual sum. REGS * ROW_THREADS >= k keeps the whole row in registers;
 // REGS comes in steps of 4. Dynamic shared memory: nb * 256 bytes.

@@ -710,7 +710,7 @@ fn relu2_mul_matches_cpu() {
 /// weights take two multi-matrix GEMV launches; the residual sum equals candle's add. One token
 /// takes the GEMV with the quantizer inside (4, 8 and 12 values per thread in registers; 13000
 /// inputs also leave part of the row outside them; the 2B-4T q/k/v and gate/up shapes and one
-/// between them give 8, 4, 2 and 1 warps per group on an H100/H200), more tokens the
+/// between them give 8, 4, 2 and 1 warps per group on 132 SMs: H100 SXM, H200), more tokens the
 /// quantization kernel.
 #[test]
 fn linears_shared_matches_separate_ops() {

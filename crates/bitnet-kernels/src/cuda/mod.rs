@@ -638,7 +638,7 @@ fn row_regs(k: usize) -> usize {
 /// Warps per group of 4 rows in the fused GEMV (`S` of `gemv_fused`, split-K): the largest power
 /// of two up to 8 that keeps the grid of [`ROW_THREADS`]-thread blocks within one block per SM,
 /// so each SM forms the row once and the blocks' 32 warps share the weights' latency. At the
-/// 2B-4T shapes on an H100/H200 that is 4 for q/k/v, o and down, 1 for gate/up.
+/// 2B-4T shapes on 132 SMs (H100 SXM, H200) that is 4 for q/k/v, o and down, 1 for gate/up.
 fn split_warps(groups: usize, sms: usize) -> usize {
     let warps = ROW_THREADS / 32;
     let mut s = 1;
