@@ -19,10 +19,15 @@
 //   - programmatic dependent launch (sm_90): each kernel prefetches its weights, then waits
 //     for its predecessor (griddepcontrol), and lets its successor start once it has quantized;
 //   - the shipped kernel with every layer reading layer 0's norm weights, or all of layer 0's
-//     weights (then L2-resident): what the L2 misses of the small per-layer reads cost.
+//     weights (then L2-resident): what the L2 misses of the small per-layer reads cost;
+//   - "staged": each block copies its groups' weights into shared memory (cp.async) before it
+//     waits for its predecessor, with and without PDL (2 blocks of 512 threads per SM, so the
+//     next kernel's block stages while this one computes), and at 1024 threads with PDL;
+//   - "spread": the shipped kernel's groups spread over every SM, with any number of warps per
+//     group (o and down: 128 blocks instead of 80).
 // Weights are random codes (30 x 17.35 MB, so each replay streams them from HBM). The shipped
-// kernel and the PDL variant compute the same outputs (equal checksums); the 256-thread one sums
-// the norm's squares in another order, so its checksum may differ.
+// kernel and the PDL, staged and spread variants compute the same outputs (equal checksums); the
+// 256-thread one sums the norm's squares in another order, so its checksum may differ.
 
 #include "../crates/bitnet-kernels/kernels/bitnet.cu"
 
@@ -47,7 +52,7 @@ typedef __nv_bfloat16 bf;
 
 enum Variant {
     SHIPPED, PREV_256, SPLIT_256_S2, FILL_512, EMPTY, PRO_LOAD, PRO_RMS, PRO_MAX, PROLOGUE, GEMV_ONLY,
-    ALLOC_NODES, PDL, HOT_NORMS, HOT_ALL, VARIANTS
+    ALLOC_NODES, PDL, HOT_NORMS, HOT_ALL, STAGED, STAGED_PDL, STAGED_PDL_1024, SPREAD, VARIANTS
 };
 static const char* kVariantName[] = {
     "shipped kernel",
@@ -64,7 +69,109 @@ static const char* kVariantName[] = {
     "PDL: prefetch, wait, quantize, trigger",
     "shipped, one set of norm weights for all layers",
     "shipped, one layer's weights for all layers (L2-resident)",
+    "staged: 512 threads, the block's weights cp.async'd to shared memory first",
+    "staged + PDL: trigger at entry, weights to shared memory, then wait",
+    "staged + PDL at 1024 threads",
+    "1024 threads, groups spread over all SMs (any S)",
 };
+
+// STAGED / STAGED_PDL: each block owns `per` consecutive groups (grid <= SMs) and copies their
+// weights into shared memory (cp.async) before it waits for its predecessor (griddepcontrol.wait,
+// a no-op without the PDL attribute); it lets its successor launch at entry, so with PDL the
+// next kernel's block (2 fit per SM: launch bounds 512 x 2) stages its weights while this one
+// computes. Then the prologue as shipped, and the GEMV from shared memory: S warps per group,
+// partial sums meeting in shared-memory integer atomics (exact in any order).
+template <int TH, int REGS>
+__global__ void __launch_bounds__(TH, 1024 / TH)
+    staged(GemvMat<bf> m0, GemvMat<bf> m1, GemvMat<bf> m2, const bf* x, const bf* r, int mode,
+           bf* sum_out, const bf* w, float eps, int k, int nb, int per, int S) {
+    extern __shared__ __align__(16) int8_t smem[];
+    __shared__ float scale;
+    __shared__ int qsum;
+    __shared__ int acc_s[64][4];
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const int bytes = nb * 256;
+    int8_t* q = smem;
+    uint8_t* ws = reinterpret_cast<uint8_t*>(smem + bytes);
+    const int first = blockIdx.x * per;
+    for (int i = 0; i < per; ++i) {
+        GemvMat<bf> m;
+        const int g = pick_group(m0, m1, m2, first + i, m);
+        if (g < 0) break;
+        const uint8_t* src = m.w + (size_t)g * bytes;
+        uint8_t* dst = ws + (size_t)i * bytes;
+        for (int o = threadIdx.x * 16; o < bytes; o += TH * 16) {
+            const unsigned d = (unsigned)__cvta_generic_to_shared(dst + o);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src + o)
+                         : "memory");
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    for (int i = threadIdx.x; i < per * 4; i += TH) (&acc_s[0][0])[i] = 0;
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    const RowInput<bf> in{x, r, mode};
+    quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, 1, eps, q, &scale, &qsum, k,
+                       bytes);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = TH / 32;
+    const int chunks = nb * 16, j0 = (lane & 3) * 16;
+    for (int item = warp; item < per * S; item += warps) {
+        const int i = item / S, s = item % S;
+        const uint4* wg = reinterpret_cast<const uint4*>(ws + (size_t)i * bytes);
+        int acc = 0;
+#pragma unroll 4
+        for (int c = lane + 32 * s; c < chunks; c += 32 * S) {
+            const uint4 wv = wg[c];
+            const uint32_t wr[4] = {wv.x, wv.y, wv.z, wv.w};
+            const int8_t* qb = q + (size_t)(c >> 4) * 256 + j0;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                const int4 a = *reinterpret_cast<const int4*>(qb + 64 * kk);
+                const int ar[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    acc = __dp4a((int)((wr[e] >> (2 * kk)) & MASK2), ar[e], acc);
+            }
+        }
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+        acc += __shfl_xor_sync(0xffffffffu, acc, 16);
+        if ((lane & 0x13) == 0) atomicAdd(&acc_s[i][lane >> 2], acc);
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < per * 4; t += TH) {
+        GemvMat<bf> m;
+        const int g = pick_group(m0, m1, m2, first + t / 4, m);
+        const int o = g * 4 + (t & 3);
+        if (g >= 0 && o < m.out)
+            store_out(m.y, o, epilogue(acc_s[t / 4][t & 3] - qsum, scale, m.scale, 0));
+    }
+}
+
+// SPREAD: the shipped kernel with G = ceil(groups / SMs) groups per block and S = 32 / G (up to
+// 8) warps per group, any S rather than a power of two, so that the grid covers (nearly) every
+// SM: 640 groups (o, down) take 128 blocks of 5 groups x 6 warps instead of 80 blocks of 8 x 4,
+// gate/up 128 blocks of 27 x 1 instead of 108 of 32 x 1. Warps past G * S only join the
+// barriers (their group is out of range; `part` has S slots of slack for the one with s == 0).
+template <int REGS, int S>
+__global__ void __launch_bounds__(1024)
+    spread(GemvMat<bf> m0, GemvMat<bf> m1, GemvMat<bf> m2, const bf* x, const bf* r, int mode,
+           bf* sum_out, const bf* w, float eps, int k, int nb, int G) {
+    extern __shared__ __align__(16) int8_t q[];
+    __shared__ float scale;
+    __shared__ int qsum;
+    __shared__ int part[32 + S][4][1];
+    const int warp = threadIdx.x >> 5;
+    const int group = warp / S < G ? blockIdx.x * G + warp / S : 1 << 30, s = warp % S;
+    auto prefetch = [&]() { prefetch_group<S>(m0, m1, m2, group, s, nb); };
+    const RowInput<bf> in{x, r, mode};
+    quantize_row<REGS>(in, blockIdx.x == 0 ? sum_out : nullptr, w, 1, eps, q, &scale, &qsum, k,
+                       nb * 256, prefetch);
+    __syncthreads();
+    gemv_group<1, S>(m0, m1, m2, group, s, q, &scale, &qsum, nb, 0, part);
+}
+
 
 // The first stages of quantize_row (PRO_LOAD, PRO_RMS, PRO_MAX): each ends in a store that
 // depends on what it computed, so nothing is optimized away.
@@ -257,10 +364,47 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
     cfg.dynamicSmemBytes = nb * 256;
     cfg.stream = st;
     cfg.attrs = attr;
-    cfg.numAttrs = v == PDL ? 1 : 0;
+    cfg.numAttrs = v == PDL || v == STAGED_PDL || v == STAGED_PDL_1024 ? 1 : 0;
     const GemvMat<bf> m0{a.w, ya, a.out, 0.7f}, m1{b.w, yb, b.out, 0.9f}, m2{c.w, yc, c.out, 1.1f};
     const float eps = 1e-5f;
     bool ok = true;
+    if (v == STAGED || v == STAGED_PDL || v == STAGED_PDL_1024) {
+        const int th = v == STAGED_PDL_1024 ? 1024 : 512;
+        const int per = (groups + sm_count() - 1) / sm_count();
+        const int S = std::max(1, th / 32 / per);
+        cfg.blockDim = dim3(th);
+        cfg.gridDim = dim3((groups + per - 1) / per);
+        cfg.dynamicSmemBytes = (size_t)nb * 256 * (1 + per);
+        auto go = [&](auto kern) {
+            CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+            CK(cudaLaunchKernelEx(&cfg, kern, m0, m1, m2, x, r, mode, so, w, eps, k, nb, per, S));
+        };
+        if (th == 512) {
+            if (k == 2560) go(staged<512, regs_for(2560, 512)>);
+            else go(staged<512, regs_for(6912, 512)>);
+        } else {
+            if (k == 2560) go(staged<1024, regs_for(2560, 1024)>);
+            else go(staged<1024, regs_for(6912, 1024)>);
+        }
+        return;
+    }
+    if (v == SPREAD) {
+        const int G = (groups + sm_count() - 1) / sm_count(), S = std::min(8, std::max(1, 32 / G));
+        cfg.gridDim = dim3((groups + G - 1) / G);
+        auto go = [&](auto kern) {
+            CK(cudaLaunchKernelEx(&cfg, kern, m0, m1, m2, x, r, mode, so, w, eps, k, nb, G));
+        };
+#define SPREAD_AT(SS)                                                   \
+    if (S == SS) {                                                      \
+        if (k == 2560) go(spread<regs_for(2560, 1024), SS>);            \
+        else go(spread<regs_for(6912, 1024), SS>);                      \
+        return;                                                         \
+    }
+        SPREAD_AT(1) SPREAD_AT(2) SPREAD_AT(3) SPREAD_AT(4) SPREAD_AT(5) SPREAD_AT(6) SPREAD_AT(8)
+#undef SPREAD_AT
+        ++g_unsupported;
+        return;
+    }
     switch (v) {
         case SHIPPED:
         case ALLOC_NODES:
