@@ -172,7 +172,6 @@ __global__ void __launch_bounds__(1024)
     gemv_group<1, S>(m0, m1, m2, group, s, q, &scale, &qsum, nb, 0, part);
 }
 
-
 // The first stages of quantize_row (PRO_LOAD, PRO_RMS, PRO_MAX): each ends in a store that
 // depends on what it computed, so nothing is optimized away.
 template <int TH, int REGS, int S, int V>
@@ -372,6 +371,10 @@ static void launch(int v, cudaStream_t st, Mat a, bf* ya, Mat b, bf* yb, Mat c, 
         const int th = v == STAGED_PDL_1024 ? 1024 : 512;
         const int per = (groups + sm_count() - 1) / sm_count();
         const int S = std::max(1, th / 32 / per);
+        if (per > 64) {  // staged's acc_s holds 64 groups
+            ++g_unsupported;
+            return;
+        }
         cfg.blockDim = dim3(th);
         cfg.gridDim = dim3((groups + per - 1) / per);
         cfg.dynamicSmemBytes = (size_t)nb * 256 * (1 + per);
